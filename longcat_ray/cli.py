@@ -1,0 +1,108 @@
+"""`longcat-ray`: the command line. Thin: parse arguments, call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from longcat_ray.tiny import make_tiny
+
+    paths = make_tiny(Path(args.out), pairs=args.pairs, seed=args.seed)
+    print(f"tiny model:  {paths.model}")
+    print(f"data:        {paths.edits} (edits) + {paths.refs} (references), {args.pairs} pairs")
+    print(f"config:      {paths.config}")
+    print(f"next:        longcat-ray config check --config {paths.config}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from longcat_ray.config import ConfigError, load_config
+
+    try:
+        config, warnings = load_config(args.config)
+    except ConfigError as err:
+        print(f"{args.config}: {len(err.problems)} problem(s):", file=sys.stderr)
+        print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    print(f"{args.config}: OK ({len(warnings)} warning(s))", file=sys.stderr)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from longcat_ray.inference import EditRequest, load_editor
+
+    editor = load_editor(args.pretrained_model_name_or_path, device=args.device)
+    width, height = (int(v) for v in args.resolution.lower().split("x"))
+    request = EditRequest(
+        prompt=args.prompt, width=width, height=height, steps=args.steps, guidance=args.guidance, seed=args.seed
+    )
+    from PIL import Image
+
+    image = editor.edit(Image.open(args.image), request)
+    image.save(args.output)
+    print(f"wrote {args.output} ({image.width}x{image.height})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longcat-ray",
+        description="Fine-tune LongCat-Image-Edit with LoRA on Ray (Data, Train + DeepSpeed) and serve it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = sub.add_parser(
+        "make-tiny",
+        help="write a tiny random-init pipeline, a synthetic paired dataset and a ready config",
+        description="Write OUT/model (a tiny random-init LongCat-Image-Edit pipeline), OUT/data/{edits,refs} "
+        "(synthetic pairs whose edit swaps red and blue) and OUT/config/{config,multidatabackend}.json.",
+    )
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--pairs", type=int, default=12, help="number of synthetic pairs (default 12)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    config = sub.add_parser("config", help="config tools").add_subparsers(dest="config_command", required=True)
+    check = config.add_parser(
+        "check",
+        help="validate a SimpleTuner config.json and its multidatabackend.json",
+        description="Print the resolved config (exit 0), or every problem found, each naming the file, the key and "
+        "the fix (exit 2). Keys longcat-ray does not use are listed as warnings.",
+    )
+    check.add_argument("--config", required=True, help="path to config.json")
+    check.set_defaults(func=cmd_config_check)
+
+    edit = sub.add_parser(
+        "edit",
+        help="edit one image with a pipeline (the one inference path)",
+        description="Edit IMAGE by PROMPT at an explicit size with the project's inference path.",
+    )
+    edit.add_argument("--pretrained_model_name_or_path", required=True, help="pipeline folder or hub id")
+    edit.add_argument("--image", required=True, help="reference image to edit")
+    edit.add_argument("--prompt", required=True, help="the edit instruction")
+    edit.add_argument("--output", required=True, help="where to write the PNG")
+    edit.add_argument("--resolution", default="768x768", help="WIDTHxHEIGHT on the 16-px grid (default 768x768)")
+    edit.add_argument("--steps", type=int, default=40, help="denoising steps (default 40)")
+    edit.add_argument("--guidance", type=float, default=4.5, help="CFG scale; 1 disables CFG (default 4.5)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    edit.set_defaults(func=cmd_edit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""The one typed config tree, loaded from SimpleTuner's `config.json` + the data-backend JSON it names.
+
+SimpleTuner keeps a flat key space (`"--learning_rate": "1e-4"`, with or without the dashes, values
+often strings); `FLAT_KEYS` maps each flat key onto this tree in one place. Every problem found while
+loading is collected and reported together, each naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+GRID = 64  # aspect buckets live on a 64-px grid (the seed: "keep aspect_bucket_alignment at 64")
+SIZE_GRID = 16  # inference sizes: 8x VAE x 2x2 packing
+OFFICIAL_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+PRECISION_SYNONYMS = {"int8-quanto": "int8-torchao", "fp8-quanto": "fp8-torchao", "bf16": "no_change"}
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+
+
+class Section(BaseModel):
+    """Base of every section: strict about unknown fields, lax about SimpleTuner's stringly values."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    model_type: Literal["lora"] = "lora"
+    """Only LoRA training is offered (SimpleTuner's `model_type`)."""
+    model_family: Literal["longcat_image"] = "longcat_image"
+    """The model family; longcat-ray trains LongCat-Image."""
+    model_flavour: str = "edit"
+    """`edit` (LongCat-Image-Edit). `final`/`dev` are the text-to-image flavours, not trained here."""
+    pretrained_model_name_or_path: str = "meituan-longcat/LongCat-Image-Edit"
+    """A local diffusers pipeline directory or a hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when loading by hub id."""
+    base_model_precision: Literal["no_change", "int8-torchao", "fp8-torchao"] = "no_change"
+    """Frozen base weights: bf16 (`no_change`), or weight-only int8/fp8 through torchao."""
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1)
+    """LoRA rank (`lora_rank`)."""
+    alpha: float | None = Field(None, gt=0)
+    """LoRA alpha (`lora_alpha`); the scale is alpha / rank. Defaults to the rank (scale 1)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout (`lora_dropout`)."""
+    target_modules: list[str] = Field(default_factory=lambda: list(OFFICIAL_LORA_TARGETS))
+    """Module name suffixes that get adapters; the official LongCat trainer's list by default."""
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank
+
+
+class TrainConfig(Section):
+    output_dir: str = "output/models"
+    """Where checkpoints, the exported LoRA and logs go: a local path or s3://."""
+    seed: int = 42
+    """Seed for LoRA init, data order, noise and sigmas."""
+    train_batch_size: int = Field(1, ge=1)
+    """Micro-batch per worker (one aspect bucket per batch)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = True
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: str = "constant"
+    """One of constant, constant_with_warmup, cosine, cosine_with_restarts, linear, polynomial."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    optimizer: str = "adamw"
+    """AdamW in every spelling SimpleTuner uses (adamw, adamw_bf16, adamw_torch, optimi-adamw)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(1.0, ge=0)
+    max_train_steps: int = Field(1000, ge=1)
+    num_train_epochs: int = Field(0, ge=0)
+    """Ignored when max_train_steps is set (SimpleTuner's rule)."""
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    resume_from_checkpoint: str | None = "latest"
+    """`latest`, a checkpoint path, or null to start fresh."""
+    caption_dropout_probability: float = Field(0.0, ge=0, le=1)
+    """Share of samples whose instruction is blanked (the reference is kept, as the official trainer)."""
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    """Compute dtype of the trained model: bf16, or `no` for float32 (CPU tests)."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    num_workers: int | None = Field(None, ge=1)
+    """Training workers (one per GPU); default: every GPU of the cluster, or 2 CPU workers without GPUs."""
+    max_failures: int = Field(3, ge=0)
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint) before giving up."""
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in LR_SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler; use one of {', '.join(LR_SCHEDULERS)}")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _adamw_only(cls, value: str) -> str:
+        if "adamw" not in value.lower():
+            raise ValueError("only AdamW is supported (torch AdamW inside the DeepSpeed engine); use \"adamw\"")
+        return value
+
+
+class ValidationConfig(Section):
+    resolution: list[tuple[int, int]] = Field(default_factory=lambda: [(768, 768)])
+    """`validation_resolution`: `768x768`, `1024`, or a comma-separated list; each on the 16-px grid."""
+    guidance: float = Field(4.5, ge=1.0)
+    num_inference_steps: int = Field(40, ge=1, le=1000)
+    steps: int = Field(0, ge=0)
+    """`validation_steps`: validate every N training steps (0: never during training)."""
+    seed: int = 42
+    negative_prompt: str = ""
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _parse_resolution(cls, value: Any) -> Any:
+        return parse_resolutions(value) if isinstance(value, (str, int)) else value
+
+
+class DatasetConfig(BaseModel):
+    """One entry of multidatabackend.json (SimpleTuner's keys)."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+
+    id: str
+    type: Literal["local", "aws"] = "local"
+    dataset_type: Literal["image", "conditioning", "text_embeds", "image_embeds"] = "image"
+    disabled: bool = False
+    default: bool = False
+    instance_data_dir: str | None = None
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] | None = None
+    """Defaults to `filename` (SimpleTuner's default) for edit datasets, to none for reference datasets."""
+    instance_prompt: str | None = None
+    resolution: float = 1024
+    resolution_type: Literal["pixel_area", "pixel", "area"] = "pixel_area"
+    minimum_image_size: float | None = None
+    cache_dir_vae: str | None = None
+    cache_dir: str | None = None
+    conditioning_data: list[str] = Field(default_factory=list)
+    repeats: int = Field(0, ge=0)
+    aws_bucket_name: str | None = None
+    aws_data_prefix: str = ""
+    aws_endpoint_url: str | None = None
+    aws_region_name: str | None = None
+
+    @field_validator("conditioning_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def data_root(self) -> str:
+        """The images' location: a local directory or s3://bucket/prefix."""
+        if self.type == "aws":
+            return f"s3://{self.aws_bucket_name}/{self.aws_data_prefix}".rstrip("/")
+        return self.instance_data_dir or ""
+
+    @property
+    def target_area(self) -> float:
+        """Pixel area buckets aim for: resolution^2 (pixel_area, pixel) or megapixels (area)."""
+        return self.resolution * 1e6 if self.resolution_type == "area" else self.resolution**2
+
+
+class DataConfig(Section):
+    data_backend_config: str = "config/multidatabackend.json"
+    aspect_bucket_alignment: int = GRID
+    minimum_image_size: float = Field(0, ge=0)
+    skip_bad_pairs: bool = False
+    """Skip (and list) broken pairs instead of stopping with the dataset report."""
+    text_cache_dir: str = "cache/text/longcat"
+    """The prompt-embedding cache (a `text_embeds` dataset's `cache_dir` sets it)."""
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+
+    def edit_datasets(self) -> list[DatasetConfig]:
+        return [d for d in self.datasets if d.dataset_type == "image" and not d.disabled]
+
+    def dataset(self, dataset_id: str) -> DatasetConfig:
+        return next(d for d in self.datasets if d.id == dataset_id)
+
+
+class Config(BaseModel):
+    """The whole resolved configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "<defaults>"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+# SimpleTuner's flat key -> (section, field). Keys not here are reported as unused, never dropped silently.
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    **{k: ("model", k) for k in ModelConfig.model_fields},
+    "lora_rank": ("lora", "rank"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "lora_target_modules": ("lora", "target_modules"),
+    **{k: ("train", k) for k in TrainConfig.model_fields},
+    "validation_resolution": ("validation", "resolution"),
+    "validation_guidance": ("validation", "guidance"),
+    "validation_num_inference_steps": ("validation", "num_inference_steps"),
+    "validation_steps": ("validation", "steps"),
+    "validation_seed": ("validation", "seed"),
+    "validation_negative_prompt": ("validation", "negative_prompt"),
+    **{k: ("data", k) for k in ("data_backend_config", "aspect_bucket_alignment", "minimum_image_size", "skip_bad_pairs")},
+}
+SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "validation": ValidationConfig}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, each naming the file, the key and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(f"- {p}" for p in problems))
+
+
+def strip_json_comments(text: str) -> str:
+    """Remove // and /* */ comments outside strings, keeping line numbers for JSON error messages."""
+    out, i, in_string = [], 0, False
+    while i < len(text):
+        ch, nxt = text[i], text[i + 1 : i + 2]
+        if in_string:
+            out.append(ch)
+            if ch == "\\":
+                out.append(nxt)
+                i += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif ch + nxt == "//":
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        elif ch + nxt == "/*":
+            end = text.find("*/", i + 2)
+            end = len(text) if end < 0 else end + 2
+            out.append("".join(c if c == "\n" else " " for c in text[i:end]))
+            i = end
+            continue
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def read_jsonc(path: Path) -> Any:
+    """Parse a JSON file that may carry // and /* */ comments; errors name the file, line and column."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read ({err.strerror}). Fix: check the path."]) from None
+    try:
+        return json.loads(strip_json_comments(text))
+    except json.JSONDecodeError as err:
+        raise ConfigError([f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})."]) from None
+
+
+def parse_resolutions(value: str | int) -> list[tuple[int, int]]:
+    """`768x768`, `1024` (square) or `1024x1024,1280x768` -> [(width, height), ...]."""
+    sizes = []
+    for part in str(value).replace(" ", "").split(","):
+        width, _, height = part.lower().partition("x")
+        sizes.append((int(width), int(height or width)))
+    return sizes
+
+
+def sibling_dir(path: str, name: str) -> str:
+    """`output/models` -> `output/cache`; works for local paths and s3:// URLs alike."""
+    parent = path.rstrip("/").rpartition("/")[0]
+    return f"{parent}/{name}" if parent and not parent.endswith(":/") else name
+
+
+def nearest_on_grid(value: float, grid: int) -> int:
+    return max(grid, int(round(value / grid)) * grid)
+
+
+def split_flat(flat: dict[str, Any], source: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Flat SimpleTuner keys -> per-section dicts, plus warnings for keys longcat-ray does not use."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "data")}
+    unused = []
+    for raw_key, value in flat.items():
+        key = raw_key.lstrip("-")
+        if key in FLAT_KEYS:
+            section, field = FLAT_KEYS[key]
+            sections[section][field] = value
+        else:
+            unused.append(raw_key)
+    warnings = [f"{source}: key '{k}' is not used by longcat-ray (ignored)." for k in sorted(unused)]
+    return sections, warnings
+
+
+def normalise_precision(section: dict[str, Any], source: str) -> list[str]:
+    """Map SimpleTuner's precision spellings onto torchao's; returns notices."""
+    value = section.get("base_model_precision")
+    if value in PRECISION_SYNONYMS:
+        section["base_model_precision"] = PRECISION_SYNONYMS[value]
+        return [f"{source}: base_model_precision '{value}' runs as '{PRECISION_SYNONYMS[value]}' (torchao) here."]
+    return []
+
+
+def pydantic_problems(err: ValidationError, source: str, prefix: str, to_key) -> list[str]:
+    """One message per pydantic error, naming the user's key rather than the tree's field."""
+    problems = []
+    for e in err.errors():
+        key = to_key(e["loc"])
+        problems.append(f"{source}: {prefix}key '{key}': {e['msg']} (got {e.get('input')!r}).")
+    return problems
+
+
+def flat_key_for(section: str):
+    reverse = {v: k for k, v in FLAT_KEYS.items()}
+    return lambda loc: reverse.get((section, str(loc[0])), str(loc[0])) + "".join(f"[{p}]" for p in loc[1:])
+
+
+def build_sections(sections: dict[str, dict[str, Any]], source: str) -> tuple[dict[str, BaseModel], list[str]]:
+    built, problems = {}, []
+    for name, cls in SECTIONS.items():
+        try:
+            built[name] = cls(**sections[name])
+        except ValidationError as err:
+            problems += pydantic_problems(err, source, "", flat_key_for(name))
+            built[name] = cls()
+    return built, problems
+
+
+def resolve_path(value: str, config_path: Path) -> Path:
+    """SimpleTuner resolves relative paths against the working directory; fall back to the config's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    beside = config_path.parent / path
+    return beside if beside.exists() else path
+
+
+def load_datasets(path: Path) -> tuple[list[DatasetConfig], list[str], list[str]]:
+    """multidatabackend.json -> datasets, problems, warnings."""
+    entries = read_jsonc(path)
+    if not isinstance(entries, list):
+        return [], [f"{path}: expected a JSON list of datasets, got {type(entries).__name__}."], []
+    datasets, problems, warnings = [], [], []
+    for index, entry in enumerate(entries):
+        label = f"dataset #{index} ({entry.get('id', '<no id>')!s})" if isinstance(entry, dict) else f"dataset #{index}"
+        try:
+            dataset = DatasetConfig(**entry) if isinstance(entry, dict) else DatasetConfig.model_validate(entry)
+        except ValidationError as err:
+            problems += pydantic_problems(err, str(path), f"{label}: ", lambda loc: ".".join(map(str, loc)))
+            continue
+        extra = sorted((dataset.model_extra or {}).keys())
+        warnings += [f"{path}: {label}: key '{k}' is not used by longcat-ray (ignored)." for k in extra]
+        datasets.append(dataset)
+    return datasets, problems, warnings
+
+
+def check_model(model: ModelConfig, source: str) -> list[str]:
+    if model.model_flavour == "edit":
+        return []
+    if model.model_flavour in ("final", "dev"):
+        why = f"'{model.model_flavour}' is a LongCat-Image text-to-image flavour; this pipeline edits images"
+    else:
+        why = f"unknown flavour '{model.model_flavour}' (LongCat-Image flavours: edit, final, dev)"
+    return [f"{source}: key 'model_flavour': {why}. Fix: set \"model_flavour\": \"edit\"."]
+
+
+def check_validation(validation: ValidationConfig, source: str) -> list[str]:
+    problems = []
+    for width, height in validation.resolution:
+        if width % SIZE_GRID or height % SIZE_GRID or min(width, height) < SIZE_GRID:
+            near = f"{nearest_on_grid(width, SIZE_GRID)}x{nearest_on_grid(height, SIZE_GRID)}"
+            problems.append(
+                f"{source}: key 'validation_resolution': {width}x{height} is off the {SIZE_GRID}-px grid. Fix: use {near}."
+            )
+    return problems
+
+
+def check_links(data: DataConfig, path: str) -> list[str]:
+    """Edit datasets must link an existing reference dataset; edit and reference VAE caches must differ."""
+    ids = {d.id for d in data.datasets if not d.disabled}
+    problems = []
+    for edit in data.edit_datasets():
+        missing = [ref for ref in edit.conditioning_data if ref not in ids]
+        if missing:
+            problems.append(
+                f"{path}: dataset '{edit.id}': key 'conditioning_data' names {missing}, which no enabled dataset has as "
+                f"'id' (ids: {sorted(ids)}). Fix: use the reference dataset's id."
+            )
+        if not edit.conditioning_data:
+            problems.append(
+                f"{path}: dataset '{edit.id}': no reference dataset linked (conditioning latents missing): the edit "
+                "flavour needs a reference image for every edit. Fix: add \"conditioning_data\": [\"<reference dataset id>\"] "
+                "pointing at a dataset of reference images with the same file names."
+            )
+        for ref in (data.dataset(r) for r in edit.conditioning_data if r in ids):
+            if edit.cache_dir_vae and edit.cache_dir_vae == ref.cache_dir_vae:
+                problems.append(
+                    f"{path}: datasets '{edit.id}' and '{ref.id}' share cache_dir_vae '{edit.cache_dir_vae}'. "
+                    "Fix: give edit and reference latents separate cache_dir_vae paths."
+                )
+    return problems
+
+
+def check_dataset(dataset: DatasetConfig, data: DataConfig, path: str) -> list[str]:
+    label = f"{path}: dataset '{dataset.id}'"
+    if dataset.dataset_type == "text_embeds" or dataset.disabled:
+        return []
+    problems = []
+    if dataset.type == "local" and not dataset.instance_data_dir:
+        problems.append(f"{label}: key 'instance_data_dir' is missing. Fix: point it at the folder of images.")
+    if dataset.type == "aws" and not dataset.aws_bucket_name:
+        problems.append(f"{label}: key 'aws_bucket_name' is missing for an aws dataset. Fix: name the S3 bucket.")
+    if dataset.resolution_type != "area" and dataset.resolution % data.aspect_bucket_alignment:
+        near = nearest_on_grid(dataset.resolution, data.aspect_bucket_alignment)
+        problems.append(
+            f"{label}: key 'resolution': {dataset.resolution:g} is off the {data.aspect_bucket_alignment}-px grid. Fix: use {near}."
+        )
+    if dataset.caption_strategy == "instanceprompt" and not dataset.instance_prompt:
+        problems.append(f"{label}: caption_strategy 'instanceprompt' needs key 'instance_prompt'. Fix: set the instruction.")
+    return problems
+
+
+def finish_data(data: DataConfig, path: Path, output_dir: str) -> tuple[list[str], list[str]]:
+    """Fill per-dataset defaults, then run the data checks. Returns (problems, warnings)."""
+    problems, warnings = [], []
+    if data.aspect_bucket_alignment != GRID:
+        problems.append(
+            f"{data.data_backend_config}: key 'aspect_bucket_alignment': {data.aspect_bucket_alignment} is not supported; "
+            f"LongCat buckets live on the {GRID}-px grid. Fix: set \"aspect_bucket_alignment\": {GRID}."
+        )
+    references = {r for d in data.edit_datasets() for r in d.conditioning_data}
+    for dataset in data.datasets:
+        if dataset.dataset_type == "text_embeds" and dataset.cache_dir and not dataset.disabled:
+            data.text_cache_dir = dataset.cache_dir
+        if dataset.id in references and dataset.dataset_type == "image":
+            dataset.dataset_type = "conditioning"
+        if dataset.dataset_type == "image" and "caption_strategy" not in dataset.model_fields_set:
+            dataset.caption_strategy = "filename"
+        if dataset.cache_dir_vae is None and dataset.dataset_type in ("image", "conditioning"):
+            dataset.cache_dir_vae = f"{sibling_dir(output_dir, 'cache')}/vae/{dataset.id}"
+        problems += check_dataset(dataset, data, str(path))
+    if not data.edit_datasets():
+        problems.append(f"{path}: no enabled edit (image) dataset. Fix: add one with \"conditioning_data\" naming its references.")
+    problems += check_links(data, str(path))
+    for dataset in data.datasets:
+        if dataset.id in references and dataset.caption_strategy is not None:
+            warnings.append(
+                f"{path}: reference dataset '{dataset.id}' has caption_strategy '{dataset.caption_strategy}': its "
+                "captions will replace the edit instructions (usually unwanted). Fix: set \"caption_strategy\": null."
+            )
+    return problems, warnings
+
+
+def load_config(path: str | os.PathLike) -> tuple[Config, list[str]]:
+    """config.json (+ its data backend JSON) -> (Config, warnings). Raises ConfigError with every problem."""
+    config_path = Path(path)
+    flat = read_jsonc(config_path)
+    if not isinstance(flat, dict):
+        raise ConfigError([f"{config_path}: expected a JSON object of settings, got {type(flat).__name__}."])
+    sections, warnings = split_flat(flat, str(config_path))
+    warnings += normalise_precision(sections["model"], str(config_path))
+    built, problems = build_sections(sections, str(config_path))
+    problems += check_model(built["model"], str(config_path)) + check_validation(built["validation"], str(config_path))
+    data, data_problems, data_warnings = load_data(sections["data"], config_path, built["train"].output_dir)
+    config = Config(source=str(config_path), data=data, **built)
+    problems += data_problems
+    if problems:
+        raise ConfigError(problems)
+    return config, warnings + data_warnings
+
+
+def load_data(section: dict[str, Any], config_path: Path, output_dir: str) -> tuple[DataConfig, list[str], list[str]]:
+    try:
+        data = DataConfig(**section)
+    except ValidationError as err:
+        return DataConfig(), pydantic_problems(err, str(config_path), "", flat_key_for("data")), []
+    backend = resolve_path(data.data_backend_config, config_path)
+    if not backend.exists():
+        return data, [
+            f"{config_path}: key 'data_backend_config': {backend} does not exist. Fix: point it at your multidatabackend.json."
+        ], []
+    data.data_backend_config = str(backend)
+    datasets, problems, warnings = load_datasets(backend)
+    data.datasets = datasets
+    if not problems:
+        more_problems, more_warnings = finish_data(data, backend, output_dir)
+        problems, warnings = problems + more_problems, warnings + more_warnings
+    return data, problems, warnings

@@ -1,0 +1,1 @@
+"""LongCat-Image-Edit model math and loading. Never imports ray, deepspeed or torch.distributed."""

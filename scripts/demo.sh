@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The mission end to end on the tiny model, on a local Ray. Each stage prints where its output is.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+DEMO=${DEMO:-/tmp/longcat-ray-demo}
+CLI="$PY -m longcat_ray.cli"
+rm -rf "$DEMO"
+
+echo "== 1. tiny model + synthetic paired data + SimpleTuner config"
+$CLI make-tiny "$DEMO" --pairs 12
+
+echo "== 2. config check"
+$CLI config check --config "$DEMO/config/config.json" > "$DEMO/resolved-config.json"
+echo "resolved config: $DEMO/resolved-config.json"
+
+echo "== 3. one edit with the tiny pipeline (the one inference path)"
+$CLI edit --pretrained_model_name_or_path "$DEMO/model" --image "$DEMO/data/refs/pair_0001.png" \
+  --prompt "swap the red and blue colours" --resolution 128x128 --steps 4 --output "$DEMO/edit.png"
+
+echo "demo finished: everything is under $DEMO"
