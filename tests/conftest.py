@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny preset is built once per session and shared read-only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> "TinyPaths":  # noqa: F821
+    """The tiny model + 8 synthetic pairs + config (longcat_ray.tiny.make_tiny)."""
+    from longcat_ray.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"), pairs=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny):
+    """The tiny pipeline as diffusers loads it from disk (float32, CPU)."""
+    from diffusers import LongCatImageEditPipeline
+
+    pipe = LongCatImageEditPipeline.from_pretrained(tiny.model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image(tiny, index: int = 1):
+    from PIL import Image
+
+    return Image.open(Path(tiny.refs) / f"pair_{index:04d}.png").convert("RGB")

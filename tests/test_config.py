@@ -1,0 +1,137 @@
+"""SimpleTuner config.json + multidatabackend.json -> the typed tree; every bad input named."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from longcat_ray.cli import main
+from longcat_ray.config import ConfigError, load_config, strip_json_comments
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, config: dict, backend: list) -> Path:
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    config = {"--data_backend_config": str(tmp_path / "multidatabackend.json"), **config}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def backend(**edit_overrides) -> list:
+    edit = {
+        "id": "edit-images", "type": "local", "instance_data_dir": "/data/edits", "caption_strategy": "textfile",
+        "resolution": 768, "cache_dir_vae": "/cache/vae/edit", "conditioning_data": ["ref-images"], **edit_overrides,
+    }
+    ref = {"id": "ref-images", "type": "local", "instance_data_dir": "/data/refs", "caption_strategy": None,
+           "resolution": 768, "cache_dir_vae": "/cache/vae/ref"}
+    return [edit, ref]
+
+
+SEED = {"model_type": "lora", "model_family": "longcat_image", "model_flavour": "edit"}
+
+
+def problems_of(path: Path) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    return str(err.value)
+
+
+def test_seed_config_with_comments_and_strings(tmp_path):
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend()))
+    (tmp_path / "config.json").write_text(
+        """{
+  // the seed's quick-start keys, as SimpleTuner writes them
+  "--model_type": "lora", "model_family": "longcat_image", "model_flavour": "edit",
+  "base_model_precision": "int8-quanto",      // fp8-torchao also fine
+  "--train_batch_size": "2", "gradient_checkpointing": "true", "--learning_rate": "5e-5",
+  /* validation */ "validation_guidance": 4.5, "validation_num_inference_steps": "40",
+  "validation_resolution": "768x768,1024x512", "--data_backend_config": "%s",
+  "report_to": "wandb", "url": "http://not-a-comment//x"
+}""" % (tmp_path / "multidatabackend.json")
+    )
+    config, warnings = load_config(tmp_path / "config.json")
+    assert config.model.base_model_precision == "int8-torchao"
+    assert config.train.train_batch_size == 2 and config.train.learning_rate == 5e-5
+    assert config.train.gradient_checkpointing is True
+    assert config.validation.resolution == [(768, 768), (1024, 512)]
+    assert config.validation.num_inference_steps == 40
+    assert config.data.datasets[1].dataset_type == "conditioning"
+    assert any("int8-quanto" in w and "int8-torchao" in w for w in warnings)
+    assert any("'report_to'" in w for w in warnings) and any("'url'" in w for w in warnings)
+
+
+def test_comment_stripping_keeps_strings_and_lines():
+    text = '{"a": "x//y", /* 1\n2 */ "b": "/*"} // end'
+    assert json.loads(strip_json_comments(text)) == {"a": "x//y", "b": "/*"}
+    assert strip_json_comments(text).count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "config,edit,expected",
+    [
+        ({"model_flavour": "turbo"}, {}, ["model_flavour", "unknown flavour 'turbo'", '"model_flavour": "edit"']),
+        ({"model_flavour": "final"}, {}, ["model_flavour", "text-to-image"]),
+        ({}, {"conditioning_data": ["refs-typo"]}, ["conditioning_data", "refs-typo", "ref-images"]),
+        ({}, {"conditioning_data": []}, ["edit-images", "conditioning latents missing", "conditioning_data"]),
+        ({}, {"cache_dir_vae": "/cache/vae/ref"}, ["share cache_dir_vae", "separate"]),
+        ({"aspect_bucket_alignment": 32}, {}, ["aspect_bucket_alignment", "64"]),
+        ({}, {"resolution": 700}, ["'resolution'", "700", "off the 64-px grid", "use 704"]),
+        ({"validation_resolution": "770x768"}, {}, ["validation_resolution", "770x768", "use 768x768"]),
+        ({"learning_rate": "fast"}, {}, ["'learning_rate'", "fast"]),
+        ({"lora_rank": 0}, {}, ["'lora_rank'"]),
+        ({"lr_scheduler": "sgdr"}, {}, ["'lr_scheduler'", "cosine"]),
+        ({"base_model_precision": "fp4"}, {}, ["'base_model_precision'", "int8-torchao"]),
+        ({}, {"caption_strategy": "instanceprompt"}, ["instance_prompt"]),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, config, edit, expected):
+    message = problems_of(write(tmp_path, {**SEED, **config}, backend(**edit)))
+    for fragment in expected:
+        assert fragment in message
+    assert str(tmp_path) in message  # names the file
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(tmp_path, {**SEED, "model_flavour": "dev", "learning_rate": "x"}, backend(resolution=100, conditioning_data=["nope"]))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    # flavour, learning_rate, resolution, the unknown id -- and ref-images, no longer linked by anyone,
+    # now reads as an edit dataset without references
+    assert len(err.value.problems) == 5
+    assert sum("'ref-images': no reference dataset linked" in p for p in err.value.problems) == 1
+
+
+def test_missing_backend_file_and_bad_json(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"data_backend_config": str(tmp_path / "missing.json")}))
+    assert "missing.json does not exist" in problems_of(path)
+    path.write_text('{"a": 1,,}')
+    assert "config.json:1:" in problems_of(path)
+
+
+def test_reference_captions_warn(tmp_path):
+    entries = backend()
+    entries[1]["caption_strategy"] = "textfile"
+    _, warnings = load_config(write(tmp_path, SEED, entries))
+    assert any("ref-images" in w and "replace the edit instructions" in w for w in warnings)
+
+
+def test_cli_check_exit_codes(tiny, tmp_path, capsys):
+    assert main(["config", "check", "--config", str(tiny.config)]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["model_flavour"] == "edit"
+    bad = write(tmp_path, {**SEED, "model_flavour": "final"}, backend(conditioning_data=[]))
+    assert main(["config", "check", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "model_flavour" in err and "conditioning latents missing" in err
+
+
+def test_shipped_examples_are_valid(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    shutil.copy("config/config.json.example", "config/config.json")
+    shutil.copy("config/multidatabackend.json.example", "config/multidatabackend.json")
+    config, _ = load_config("config/config.json")
+    assert config.model.model_flavour == "edit" and len(config.data.edit_datasets()) == 1

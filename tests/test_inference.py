@@ -1,0 +1,41 @@
+"""The one inference path equals LongCatImageEditPipeline at the size the pipeline picks."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
+
+from longcat_ray.inference import EditRequest, edit_image
+from tests.conftest import reference_image
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_edit_matches_pipeline(tiny, tiny_pipe, guidance):
+    reference = reference_image(tiny, 2).resize((48, 72))  # a small portrait input keeps the 1-MP run short
+    width, height = calculate_dimensions(1024 * 1024, reference.width / reference.height)
+    prompt = "swap the red and blue colours"
+    theirs = tiny_pipe(
+        reference, prompt, num_inference_steps=3, guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+    ).images[0]
+    request = EditRequest(prompt=prompt, width=width, height=height, steps=3, guidance=guidance, seed=7)
+    ours = np.asarray(edit_image(tiny_pipe, reference, request), dtype=np.float32) / 255
+    assert ours.shape == theirs.shape == (height, width, 3)
+    assert np.abs(ours - theirs).max() <= 1.5 / 255  # ours is rounded to 8 bits, theirs is float
+    other = np.asarray(edit_image(tiny_pipe, reference, EditRequest(**{**request.__dict__, "seed": 8})), np.float32) / 255
+    assert np.abs(other - theirs).max() > 10 / 255
+
+
+def test_explicit_size_and_preview(tiny, tiny_pipe):
+    seen = []
+    request = EditRequest(prompt="x", width=128, height=96, steps=2, guidance=4.5, seed=0)
+    image = edit_image(tiny_pipe, reference_image(tiny), request, preview=lambda i, lat: seen.append((i, lat.shape)))
+    assert image.size == (128, 96)
+    assert seen == [(0, (1, 48, 64)), (1, (1, 48, 64))]
+
+
+@pytest.mark.parametrize("field,value,message", [("width", 100, "nearest valid: 96"), ("height", 8, "nearest valid: 16")])
+def test_size_off_grid_names_nearest(field, value, message):
+    kwargs = {"prompt": "x", "width": 128, "height": 128, field: value}
+    with pytest.raises(ValueError, match=message):
+        EditRequest(**kwargs)
