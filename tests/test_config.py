@@ -125,7 +125,7 @@ def test_cli_check_exit_codes(tiny, tmp_path, capsys):
     bad = write(tmp_path, {**SEED, "model_flavour": "final"}, backend(conditioning_data=[]))
     assert main(["config", "check", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "2 problem(s)" in err and "model_flavour" in err and "conditioning latents missing" in err
+    assert "3 problem(s)" in err and "model_flavour" in err and "conditioning latents missing" in err
 
 
 def test_shipped_examples_are_valid(tmp_path, monkeypatch):
