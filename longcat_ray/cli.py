@@ -37,6 +37,40 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_or_report(path: str):
+    """The config, or None after printing every problem (the caller exits 2)."""
+    from longcat_ray.config import ConfigError, load_config
+
+    try:
+        config, warnings = load_config(path)
+    except ConfigError as err:
+        print(f"{path}: {len(err.problems)} problem(s):\n{err}", file=sys.stderr)
+        return None
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from longcat_ray.cache import build_cache
+    from longcat_ray.pairs import DatasetError
+    from longcat_ray.runtime import init_ray
+
+    config = load_or_report(args.config)
+    if config is None:
+        return EXIT_BAD_INPUT
+    init_ray()
+    try:
+        summary = build_cache(config, workers=args.workers)
+    except DatasetError as err:
+        print(f"dataset report: {err}\nFix the files above, or set \"skip_bad_pairs\": true to leave these pairs out.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for skipped in summary.skipped:
+        print(f"skipped: {skipped}", file=sys.stderr)
+    print(summary)
+    return 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from longcat_ray.inference import EditRequest, load_editor
 
@@ -80,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", required=True, help="path to config.json")
     check.set_defaults(func=cmd_config_check)
+
+    cache = sub.add_parser(
+        "cache",
+        help="check the dataset and build the latent cache (Ray Data on encoder actors)",
+        description="List edit/reference pairs, report every broken file (exit 2 unless skip_bad_pairs), then "
+        "encode VAE latents of both images and the VL prompt embedding of (instruction, reference) for what is "
+        "new or changed, on one encoder actor per GPU. Connects to RAY_ADDRESS when set, else starts a local Ray.",
+    )
+    cache.add_argument("--config", required=True, help="path to config.json")
+    cache.add_argument("--workers", type=int, default=None, help="encoder actors (default: one per GPU, 1 on CPU)")
+    cache.set_defaults(func=cmd_cache)
 
     edit = sub.add_parser(
         "edit",

@@ -178,6 +178,13 @@ class DatasetConfig(BaseModel):
         return self.instance_data_dir or ""
 
     @property
+    def storage_options(self) -> dict[str, Any]:
+        """s3fs options for this dataset's images and cache dirs (endpoint, region)."""
+        from longcat_ray.storage import s3_options
+
+        return s3_options(self.aws_endpoint_url, self.aws_region_name)
+
+    @property
     def target_area(self) -> float:
         """Pixel area buckets aim for: resolution^2 (pixel_area, pixel) or megapixels (area)."""
         return self.resolution * 1e6 if self.resolution_type == "area" else self.resolution**2
@@ -189,8 +196,14 @@ class DataConfig(Section):
     minimum_image_size: float = Field(0, ge=0)
     skip_bad_pairs: bool = False
     """Skip (and list) broken pairs instead of stopping with the dataset report."""
+    cache_batch_size: int = Field(8, ge=1)
+    """Pairs per encoder call in the cache stage (grouped by bucket inside)."""
+    cache_workers: int | None = Field(None, ge=1)
+    """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
     text_cache_dir: str = "cache/text/longcat"
     """The prompt-embedding cache (a `text_embeds` dataset's `cache_dir` sets it)."""
+    text_cache_options: dict[str, Any] = Field(default_factory=dict)
+    """s3fs options of the text cache (the `text_embeds` dataset's aws_* keys)."""
     datasets: list[DatasetConfig] = Field(default_factory=list)
 
     def edit_datasets(self) -> list[DatasetConfig]:
@@ -227,7 +240,10 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "validation_steps": ("validation", "steps"),
     "validation_seed": ("validation", "seed"),
     "validation_negative_prompt": ("validation", "negative_prompt"),
-    **{k: ("data", k) for k in ("data_backend_config", "aspect_bucket_alignment", "minimum_image_size", "skip_bad_pairs")},
+    **{k: ("data", k) for k in (
+        "data_backend_config", "aspect_bucket_alignment", "minimum_image_size", "skip_bad_pairs", "cache_batch_size",
+        "cache_workers",
+    )},
 }
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "validation": ValidationConfig}
 
@@ -457,6 +473,7 @@ def finish_data(data: DataConfig, path: Path, output_dir: str) -> tuple[list[str
     for dataset in data.datasets:
         if dataset.dataset_type == "text_embeds" and dataset.cache_dir and not dataset.disabled:
             data.text_cache_dir = dataset.cache_dir
+            data.text_cache_options = dataset.storage_options
         if dataset.id in references and dataset.dataset_type == "image":
             dataset.dataset_type = "conditioning"
         if dataset.dataset_type == "image" and "caption_strategy" not in dataset.model_fields_set:

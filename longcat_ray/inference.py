@@ -25,7 +25,7 @@ from longcat_ray.model.latents import (
     tensor_to_images,
     unpack_latents,
 )
-from longcat_ray.model.prompt import encode_prompts, vl_image
+from longcat_ray.model.prompt import encode_prompts, pipeline_prompt_encoder, vl_image
 
 LATENT_CHANNELS = 16
 
@@ -71,11 +71,11 @@ def encode_condition(pipe, reference: Image.Image, request: EditRequest) -> tupl
     """-> (packed reference latents [1, n, 64], prompt embeds [1, L, d], negative embeds or None)."""
     sized = resize_image(reference.convert("RGB"), request.width, request.height)
     vl = vl_image(sized, request.width, request.height)
-    embeds = encode_prompts(pipe.text_encoder, pipe.text_processor, [request.prompt], [vl])
+    embeds = encode_prompts(*pipeline_prompt_encoder(pipe), [request.prompt], [vl])
     negative = None
     if request.guidance > 1:
         # The negative prompt is encoded with the same reference image, as the pipeline does.
-        negative = encode_prompts(pipe.text_encoder, pipe.text_processor, [request.negative_prompt], [vl])
+        negative = encode_prompts(*pipeline_prompt_encoder(pipe), [request.negative_prompt], [vl])
     latents = pack_latents(encode_latents(pipe.vae, image_to_tensor([sized])))
     return latents.to(pipe.transformer.dtype), embeds, negative
 

@@ -67,18 +67,25 @@ def build_prompt_inputs(tokenizer, instructions: list[str], image_tokens: int) -
     return input_ids, mask, start, len(suffix)
 
 
+def pipeline_prompt_encoder(pipe) -> tuple:
+    """(text_encoder, tokenizer, image_processor) of a LongCatImageEditPipeline, in encode_prompts' order."""
+    return pipe.text_encoder, pipe.tokenizer, pipe.text_processor.image_processor
+
+
 @torch.no_grad()
-def encode_prompts(text_encoder, processor, instructions: list[str], vl_images: list[Image.Image]) -> torch.Tensor:
+def encode_prompts(
+    text_encoder, tokenizer, image_processor, instructions: list[str], vl_images: list[Image.Image]
+) -> torch.Tensor:
     """[b] instructions + [b] same-size VL images -> prompt embeddings [b, vision tokens + 2 + 512, d].
 
-    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix.
+    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix. The
+    pipeline's own components: `pipe.tokenizer` and `pipe.text_processor.image_processor`.
     """
     if len({im.size for im in vl_images}) != 1:
         raise ValueError(f"encode_prompts needs VL images of one size (one bucket), got {sorted({im.size for im in vl_images})}")
-    vision = processor.image_processor(images=vl_images, return_tensors="pt")
-    merge = processor.image_processor.merge_size ** 2
-    image_tokens = int(vision["image_grid_thw"][0].prod()) // merge
-    input_ids, mask, start, suffix_len = build_prompt_inputs(processor.tokenizer, instructions, image_tokens)
+    vision = image_processor(images=vl_images, return_tensors="pt")
+    image_tokens = int(vision["image_grid_thw"][0].prod()) // image_processor.merge_size**2
+    input_ids, mask, start, suffix_len = build_prompt_inputs(tokenizer, instructions, image_tokens)
     device = text_encoder.device
     output = text_encoder(
         input_ids=input_ids.to(device),

@@ -5,7 +5,13 @@ import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 
 from longcat_ray.model.latents import resize_image
-from longcat_ray.model.prompt import MAX_INSTRUCTION_TOKENS, encode_prompts, tokenize_instruction, vl_image
+from longcat_ray.model.prompt import (
+    MAX_INSTRUCTION_TOKENS,
+    encode_prompts,
+    pipeline_prompt_encoder,
+    tokenize_instruction,
+    vl_image,
+)
 from tests.conftest import reference_image
 
 INSTRUCTIONS = ["swap the red and blue colours", 'write "Hi" on the wall', ""]
@@ -35,17 +41,17 @@ def test_prompt_embeds_equal_the_pipelines_inside_an_edit(tiny, tiny_pipe):
     width, height = calculate_dimensions(1024 * 1024, reference.width / reference.height)
     ours_vl = vl_image(reference, width, height)
     assert ours_vl.size == vl_seen.size == (width // 2, height // 2)
-    ours = encode_prompts(tiny_pipe.text_encoder, tiny_pipe.text_processor, [INSTRUCTIONS[0]], [ours_vl])
+    ours = encode_prompts(*pipeline_prompt_encoder(tiny_pipe), [INSTRUCTIONS[0]], [ours_vl])
     torch.testing.assert_close(ours, embeds_seen)
     # the reference at full size (SimpleTuner's way) conditions differently
     full = resize_image(reference, width, height)
-    wrong = encode_prompts(tiny_pipe.text_encoder, tiny_pipe.text_processor, [INSTRUCTIONS[0]], [full])
+    wrong = encode_prompts(*pipeline_prompt_encoder(tiny_pipe), [INSTRUCTIONS[0]], [full])
     assert wrong.shape != ours.shape or not torch.allclose(wrong, ours)
 
 
 def test_batched_encoding_equals_one_at_a_time(tiny, tiny_pipe):
     images = [vl_image(reference_image(tiny, i), 128, 96) for i in range(3)]
-    batch = encode_prompts(tiny_pipe.text_encoder, tiny_pipe.text_processor, INSTRUCTIONS, images)
+    batch = encode_prompts(*pipeline_prompt_encoder(tiny_pipe), INSTRUCTIONS, images)
     vision_tokens = batch.shape[1] - 2 - MAX_INSTRUCTION_TOKENS
     assert vision_tokens > 0
     for i, (text, image) in enumerate(zip(INSTRUCTIONS, images)):
@@ -64,4 +70,4 @@ def test_quoted_text_is_tokenised_per_character(tiny_pipe):
 def test_mixed_sizes_in_one_batch_are_refused(tiny, tiny_pipe):
     images = [vl_image(reference_image(tiny), 128, 96), vl_image(reference_image(tiny), 96, 128)]
     with pytest.raises(ValueError, match="one size"):
-        encode_prompts(tiny_pipe.text_encoder, tiny_pipe.text_processor, ["a", "b"], images)
+        encode_prompts(*pipeline_prompt_encoder(tiny_pipe), ["a", "b"], images)

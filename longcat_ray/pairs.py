@@ -1,0 +1,204 @@
+"""Pair discovery and the dataset report: edit images matched 1:1 to references, captions, buckets.
+
+Listing is by file name (cheap, on the driver); checking reads every image and caption once, in Ray Data
+tasks, and records the content hashes the cache keys on. Every problem is collected, each naming its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from longcat_ray.buckets import bucket_for
+from longcat_ray.config import Config, DatasetConfig
+from longcat_ray.storage import filesystem
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One bad input, naming the file."""
+
+    kind: str
+    file: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.file}" + (f" ({self.detail})" if self.detail else "")
+
+
+class DatasetError(Exception):
+    """The dataset report: every problem found before encoding."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__(format_report(problems))
+
+
+def format_report(problems: list[Problem]) -> str:
+    counts = Counter(p.kind for p in problems)
+    head = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    return f"{len(problems)} problem(s): {head}\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def list_files(root: str, options: dict[str, Any]) -> dict[str, str]:
+    """Every file under root -> {relative path: URL}, recursively."""
+    fs, base = filesystem(root, options)
+    if not fs.exists(base):
+        raise DatasetError([Problem(kind="missing data directory", file=root)])
+    prefix = "s3://" if root.startswith("s3://") else ""
+    return {posixpath.relpath(path, base): prefix + path for path in fs.find(base)}
+
+
+def images_by_stem(files: dict[str, str]) -> dict[str, str]:
+    return {posixpath.splitext(rel)[0]: url for rel, url in sorted(files.items()) if rel.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def caption_source(dataset: DatasetConfig, stem: str, files: dict[str, str]) -> tuple[str, str | None]:
+    """-> (caption text, caption file URL to read instead or None). textfile captions sit beside the image."""
+    strategy = dataset.caption_strategy
+    if strategy == "textfile":
+        return "", files.get(f"{stem}.txt", f"{dataset.data_root}/{stem}.txt (missing)")
+    if strategy == "filename":
+        return posixpath.basename(stem).replace("_", " ").strip(), None
+    if strategy == "instanceprompt":
+        return dataset.instance_prompt or "", None
+    return "", None
+
+
+def match_pairs(edit: DatasetConfig, ref: DatasetConfig) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Edit and reference images paired by relative path without extension; orphans on either side reported."""
+    edit_files, ref_files = list_files(edit.data_root, edit.storage_options), list_files(ref.data_root, ref.storage_options)
+    edits, refs = images_by_stem(edit_files), images_by_stem(ref_files)
+    problems = [Problem(kind="edit without reference", file=edits[s], detail=f"no {s}.* in {ref.data_root}") for s in edits if s not in refs]
+    problems += [Problem(kind="reference without edit", file=refs[s], detail=f"no {s}.* in {edit.data_root}") for s in refs if s not in edits]
+    rows = []
+    for stem in (s for s in edits if s in refs):
+        caption, caption_url = caption_source(edit, stem, edit_files)
+        caption_dataset = edit.id
+        if ref.caption_strategy is not None:  # the seed: reference captions replace the edit's
+            (caption, caption_url), caption_dataset = caption_source(ref, stem, ref_files), ref.id
+        rows.append(
+            dict(
+                sample_id=f"{edit.id}/{stem}", dataset_id=edit.id, ref_dataset_id=ref.id,
+                edit_url=edits[stem], ref_url=refs[stem], caption=caption, caption_url=caption_url or "",
+                caption_dataset_id=caption_dataset,
+                repeats=edit.repeats,
+            )
+        )
+    return rows, problems
+
+
+def discover_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Every edit dataset against each of its reference datasets."""
+    rows, problems = [], []
+    for edit in config.data.edit_datasets():
+        for ref_id in edit.conditioning_data:
+            try:
+                found, bad = match_pairs(edit, config.data.dataset(ref_id))
+            except DatasetError as err:
+                found, bad = [], err.problems
+            rows += found
+            problems += bad
+    return rows, problems
+
+
+def read_bytes(url: str, options: dict[str, Any]) -> bytes:
+    fs, path = filesystem(url, options)  # fsspec caches filesystem instances: cheap per call
+    return fs.cat_file(path)
+
+
+def decode_image(url: str, options: dict[str, Any], minimum: float) -> tuple[Image.Image | None, str, list[Problem]]:
+    """-> (image or None, sha256 of the bytes, problems). Decodes fully, so truncated files are caught."""
+    try:
+        data = read_bytes(url, options)
+    except OSError as err:
+        return None, "", [Problem(kind="unreadable image", file=url, detail=str(err))]
+    if not data:
+        return None, "", [Problem(kind="unreadable image", file=url, detail="0 bytes")]
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except Exception as err:  # noqa: BLE001 -- PIL raises many types for corrupt data
+        return None, digest, [Problem(kind="unreadable image", file=url, detail=f"{type(err).__name__}: {err}")]
+    if min(image.size) < minimum:
+        detail = f"{image.width}x{image.height}, shorter side below {minimum:g} px"
+        return None, digest, [Problem(kind="image below minimum size", file=url, detail=detail)]
+    return image, digest, []
+
+
+def read_caption(row: dict[str, Any], options: dict[str, Any]) -> tuple[str, list[Problem]]:
+    url = row["caption_url"]
+    if not url:
+        return row["caption"], []
+    if url.endswith("(missing)"):
+        return "", [Problem(kind="missing caption", file=url.removesuffix(" (missing)"), detail=f"for {row['edit_url']}")]
+    try:
+        return read_bytes(url, options).decode("utf-8").strip(), []
+    except UnicodeDecodeError as err:
+        return "", [Problem(kind="undecodable caption", file=url, detail=f"not UTF-8: {err.reason} at byte {err.start}")]
+    except OSError as err:
+        return "", [Problem(kind="missing caption", file=url, detail=str(err))]
+
+
+def check_pair(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """Read both images and the caption once: validity, content hashes, bucket. `plan` holds per-dataset
+    storage options, minimum sizes and target areas."""
+    edit_opts, ref_opts = plan["options"][row["dataset_id"]], plan["options"][row["ref_dataset_id"]]
+    minimum = plan["minimum"][row["dataset_id"]]
+    edit, edit_sha, problems = decode_image(row["edit_url"], edit_opts, minimum)
+    ref, ref_sha, ref_problems = decode_image(row["ref_url"], ref_opts, minimum)
+    caption, caption_problems = read_caption(row, plan["options"][row["caption_dataset_id"]])
+    problems += ref_problems + caption_problems
+    width, height = edit.size if edit else (0, 0)
+    bucket = bucket_for(width, height, plan["area"][row["dataset_id"]]) if edit else (0, 0)
+    return {
+        **row, "caption": caption, "edit_sha": edit_sha, "ref_sha": ref_sha, "width": width, "height": height,
+        "bucket_w": bucket[0], "bucket_h": bucket[1], "problems": json.dumps([p.__dict__ for p in problems]),
+    }
+
+
+def scan_plan(config: Config) -> dict[str, Any]:
+    datasets = [d for d in config.data.datasets if d.dataset_type in ("image", "conditioning")]
+    return {
+        "options": {d.id: d.storage_options for d in datasets},
+        "minimum": {d.id: d.minimum_image_size or config.data.minimum_image_size for d in datasets},
+        "area": {d.id: d.target_area for d in datasets},
+    }
+
+
+def scan_pairs(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """check_pair over every row in Ray Data tasks (I/O bound: images are read where the tasks run)."""
+    import ray
+
+    return ray.data.from_items(rows).map(check_pair, fn_kwargs={"plan": plan}).take_all()
+
+
+def prepare_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """-> (good pairs sorted by bucket then id, every problem). Raises DatasetError on any problem unless
+    `skip_bad_pairs` is set, in which case the bad pairs are left out and still returned as problems."""
+    rows, problems = discover_pairs(config)
+    good = []
+    for row in scan_pairs(rows, scan_plan(config)) if rows else []:
+        found = [Problem(**p) for p in json.loads(row.pop("problems"))]
+        problems += found
+        if not found:
+            good.append(row)
+    if problems and not config.data.skip_bad_pairs:
+        raise DatasetError(problems)
+    if not good:
+        raise DatasetError(problems or [Problem(kind="no pairs", file=", ".join(d.data_root for d in config.data.edit_datasets()))])
+    good.sort(key=lambda r: (r["bucket_w"], r["bucket_h"], r["sample_id"]))
+    return good, problems

@@ -1,0 +1,24 @@
+"""Connecting to Ray: a running cluster when there is one (RAY_ADDRESS, `ray job submit`), else a local one."""
+
+from __future__ import annotations
+
+import os
+
+# Found on the H100 hosts (DESIGN.md §4): NVLink multicast paths fail there; every process gets these.
+PROCESS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(address: str | None = None, quiet: bool = True) -> None:
+    """ray.init once, passing the process environment every worker needs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"include_dashboard": False}
+    ray.init(address=address, runtime_env={"env_vars": dict(PROCESS_ENV)}, **local)
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
