@@ -9,6 +9,22 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray workers inherit the driver's environment: credentials for the loopback S3 (moto) must exist before
+# ray.init. They are test-only values for a server the tests start themselves.
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs ~10 s)."""
+    import ray
+
+    from longcat_ray.runtime import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,111 @@
+"""The training-side reader: bucket-pure batches over the cache, sharded across training workers.
+
+The plan of an epoch is a pure function of (manifest, batch size, world size, seed, epoch): every rank
+computes the same plan and takes its own share, so the order is reproducible and a resumed run skips
+exactly the batches already trained. Each rank streams its batches through a Ray Data dataset that reads
+and stacks the entries.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from longcat_ray.cache import load_entry
+
+TENSOR_KINDS = {"edit": "latents", "ref": "latents", "text": "prompt_embeds", "blank": "prompt_embeds"}
+
+
+def expand_repeats(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each sample `repeats + 1` times (SimpleTuner's `repeats` counts the extra passes)."""
+    return [s for s in samples for _ in range(int(s.get("repeats", 0)) + 1)]
+
+
+def split_largest(batches: list[list[dict[str, Any]]]) -> bool:
+    """Split the largest batch in two; False when every batch is a single sample."""
+    index = max(range(len(batches)), key=lambda i: len(batches[i]))
+    batch = batches[index]
+    if len(batch) < 2:
+        return False
+    half = len(batch) // 2
+    batches[index : index + 1] = [batch[:half], batch[half:]]
+    return True
+
+
+def plan_epoch(
+    samples: list[dict[str, Any]], batch_size: int, world_size: int, seed: int, epoch: int
+) -> list[list[list[dict[str, Any]]]]:
+    """-> per rank, its list of batches for this epoch. Every batch shares one bucket.
+
+    Samples are shuffled within their bucket, chunked, and the batches shuffled; the count is made a multiple
+    of the world size by splitting the largest batches (so each sample is seen exactly once and every rank
+    steps equally often), or, only when every batch already is one sample, by repeating batches.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    buckets: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for sample in sorted(expand_repeats(samples), key=lambda s: s["sample_id"]):
+        buckets.setdefault((int(sample["bucket_w"]), int(sample["bucket_h"])), []).append(sample)
+    batches = []
+    for key in sorted(buckets):
+        members = buckets[key]
+        rng.shuffle(members)
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    rng.shuffle(batches)
+    while len(batches) % world_size and split_largest(batches):
+        pass
+    for repeat in range(-len(batches) % world_size):
+        batches.append(batches[repeat])
+    return [batches[rank::world_size] for rank in range(world_size)]
+
+
+def to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    """numpy has no bfloat16: carry its bits as int16 plus the dtype's name."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy(), "bfloat16"
+    return tensor.numpy(), str(tensor.dtype).removeprefix("torch.")
+
+
+def from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.array(array, copy=True))  # Ray hands out read-only views
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def load_batch(row: dict[str, Any], options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A planned batch (sample ids + entry URLs) -> stacked arrays per kind."""
+    members = json.loads(row["members"])
+    out: dict[str, Any] = {"index": row["index"], "sample_ids": json.dumps([m["sample_id"] for m in members])}
+    for kind, name in TENSOR_KINDS.items():
+        if kind not in members[0]["entries"]:
+            continue
+        tensors = []
+        for member in members:
+            entry = load_entry(member["entries"][kind], options[kind_options_key(kind, member)])
+            if entry is None:
+                raise RuntimeError(f"cache entry {member['entries'][kind]} is missing or corrupt: re-run `longcat-ray cache`")
+            tensors.append(entry[name])
+        out[kind], out[f"{kind}_dtype"] = to_numpy(torch.stack(tensors))
+    return out
+
+
+def kind_options_key(kind: str, member: dict[str, Any]) -> str:
+    if kind in ("text", "blank"):
+        return "text"
+    return member["dataset_id"] if kind == "edit" else member["ref_dataset_id"]
+
+
+def shard_dataset(batches: list[list[dict[str, Any]]], options: dict[str, dict[str, Any]], start: int = 0):
+    """A rank's planned batches from index `start` on, as a Ray Data dataset of stacked batches, in order."""
+    import ray
+
+    rows = [{"index": i, "members": json.dumps(b)} for i, b in enumerate(batches) if i >= start]
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ray.data.from_items(rows).map(load_batch, fn_kwargs={"options": options})
+
+
+def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A row of `shard_dataset` -> torch tensors per kind (edit/ref latents, text/blank embeddings)."""
+    return {kind: from_numpy(row[kind], row[f"{kind}_dtype"]) for kind in TENSOR_KINDS if kind in row}

@@ -1,0 +1,118 @@
+"""The cache stage on a local Ray with the tiny model: build, reuse, exact invalidation, corruption, S3."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from longcat_ray.buckets import fit_to_bucket
+from longcat_ray.cache import build_cache, read_manifest
+from longcat_ray.config import load_config
+from longcat_ray.model.latents import encode_latents, image_to_tensor
+from longcat_ray.model.prompt import encode_prompts, pipeline_prompt_encoder, vl_image
+from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
+from longcat_ray.storage import filesystem
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def data(tiny, tmp_path):
+    """A private copy of the tiny dataset and config (tests modify images and entries)."""
+    root = tmp_path / "t"
+    shutil.copytree(tiny.root / "data", root / "data")
+    config = json.loads(tiny.config.read_text())
+    backend = json.loads(tiny.backend.read_text())
+    for entry in backend:
+        for key in ("instance_data_dir", "cache_dir_vae", "cache_dir"):
+            if key in entry:
+                entry[key] = entry[key].replace(str(tiny.root), str(root))
+    (root / "config").mkdir()
+    config["--data_backend_config"] = str(root / "config" / "multidatabackend.json")
+    config["--output_dir"] = str(root / "output")
+    return root, config, backend
+
+
+def save(root, config, backend):
+    (root / "config" / "multidatabackend.json").write_text(json.dumps(backend))
+    (root / "config" / "config.json").write_text(json.dumps(config))
+    return load_config(root / "config" / "config.json")[0]
+
+
+def entry_url(config, sample, kind):
+    return next(m for m in read_manifest(config) if m["sample_id"] == sample)["entries"][kind]
+
+
+def damage(config, sample, kind, how):
+    fs, path = filesystem(entry_url(config, sample, kind), config.data.text_cache_options)
+    data = bytearray(fs.cat_file(path))
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-40] ^= 0xFF  # a flipped bit in the tensor bytes: parses, fails the checksum
+    fs.pipe_file(path, bytes(data))
+
+
+def test_cache_build_reuse_and_exact_invalidation(ray_local, data, tiny_pipe):
+    root, raw, backend = data
+    config = save(root, raw, backend)
+    first = build_cache(config, progress=False)
+    assert (first.pairs, first.encoded, first.reused) == (8, 8, 0) and first.cache_bytes > 0
+    assert build_cache(config, progress=False).encoded == 0
+
+    # cached tensors equal the foundation's encoding functions
+    sample = read_manifest(config)[1]
+    w, h = sample["bucket_w"], sample["bucket_h"]
+    stem = sample["sample_id"].split("/", 1)[1]
+    ref = fit_to_bucket(Image.open(root / "data" / "refs" / f"{stem}.png"), w, h)
+    edit = fit_to_bucket(Image.open(root / "data" / "edits" / f"{stem}.png"), w, h)
+    row = next(iter(shard_dataset([[sample]], {"edit-images": {}, "ref-images": {}, "text": {}}).iter_rows()))
+    got = batch_tensors(row)
+    torch.testing.assert_close(got["edit"][0], encode_latents(tiny_pipe.vae, image_to_tensor([edit]))[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["ref"][0], encode_latents(tiny_pipe.vae, image_to_tensor([ref]))[0], atol=1e-4, rtol=1e-4)
+    vl = vl_image(ref, w, h)
+    expected = encode_prompts(*pipeline_prompt_encoder(tiny_pipe), [sample["caption"]], [vl])[0]
+    torch.testing.assert_close(got["text"][0], expected, atol=1e-4, rtol=1e-4)
+    blank = encode_prompts(*pipeline_prompt_encoder(tiny_pipe), [""], [vl])[0]
+    torch.testing.assert_close(got["blank"][0], blank, atol=1e-4, rtol=1e-4)
+
+    # one changed image -> one pair; a changed caption -> only its text entry; damaged entries -> re-encoded
+    image = Image.open(root / "data" / "edits" / "pair_0003.png")
+    image.rotate(180).save(root / "data" / "edits" / "pair_0003.png")
+    (root / "data" / "edits" / "pair_0005.txt").write_text("a different instruction\n")
+    damage(config, "edit-images/pair_0006", "ref", "flip")
+    damage(config, "edit-images/pair_0007", "text", "truncate")
+    edit_entry_5 = entry_url(config, "edit-images/pair_0005", "edit")
+    mtime = os.stat(edit_entry_5).st_mtime
+    again = build_cache(config, progress=False)
+    assert (again.encoded, again.reused) == (4, 4)
+    assert os.stat(entry_url(config, "edit-images/pair_0005", "edit")).st_mtime == mtime
+
+    # a changed resolution re-encodes exactly the pairs whose bucket changed
+    before = {m["sample_id"]: (m["bucket_w"], m["bucket_h"]) for m in read_manifest(config)}
+    for entry in backend[:2]:
+        entry["resolution"] = 256
+    config = save(root, raw, backend)
+    changed = build_cache(config, progress=False).encoded
+    after = {m["sample_id"]: (m["bucket_w"], m["bucket_h"]) for m in read_manifest(config)}
+    assert changed == sum(before[k] != after[k] for k in before) > 0
+
+
+def test_cache_reader_shards(ray_local, data):
+    root, raw, backend = data
+    config = save(root, raw, backend)
+    build_cache(config, progress=False)
+    manifest = read_manifest(config)
+    plan = plan_epoch(manifest, 2, 2, seed=0, epoch=0)
+    seen = []
+    for rank in range(2):
+        for row in shard_dataset(plan[rank], {"edit-images": {}, "ref-images": {}, "text": {}}).iter_rows():
+            tensors = batch_tensors(row)
+            ids = json.loads(row["sample_ids"])
+            seen += ids
+            assert tensors["edit"].shape[0] == tensors["text"].shape[0] == len(ids)
+            assert tensors["edit"].shape == tensors["ref"].shape
+    assert sorted(seen) == sorted(m["sample_id"] for m in manifest)
