@@ -49,3 +49,19 @@ def reference_image(tiny, index: int = 1):
     from PIL import Image
 
     return Image.open(Path(tiny.refs) / f"pair_{index:04d}.png").convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback: moto's server mode, as s3fs's own test suite uses."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from longcat_ray.buckets import fit_to_bucket
-from longcat_ray.cache import build_cache, read_manifest
+from longcat_ray.cache import build_cache, make_plan, read_manifest
 from longcat_ray.config import load_config
 from longcat_ray.model.latents import encode_latents, image_to_tensor
 from longcat_ray.model.prompt import encode_prompts, pipeline_prompt_encoder, vl_image
@@ -69,7 +69,7 @@ def test_cache_build_reuse_and_exact_invalidation(ray_local, data, tiny_pipe):
     stem = sample["sample_id"].split("/", 1)[1]
     ref = fit_to_bucket(Image.open(root / "data" / "refs" / f"{stem}.png"), w, h)
     edit = fit_to_bucket(Image.open(root / "data" / "edits" / f"{stem}.png"), w, h)
-    row = next(iter(shard_dataset([[sample]], {"edit-images": {}, "ref-images": {}, "text": {}}).iter_rows()))
+    row = next(iter(shard_dataset([[sample]], make_plan(config).options).iter_rows()))
     got = batch_tensors(row)
     torch.testing.assert_close(got["edit"][0], encode_latents(tiny_pipe.vae, image_to_tensor([edit]))[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got["ref"][0], encode_latents(tiny_pipe.vae, image_to_tensor([ref]))[0], atol=1e-4, rtol=1e-4)
@@ -109,10 +109,40 @@ def test_cache_reader_shards(ray_local, data):
     plan = plan_epoch(manifest, 2, 2, seed=0, epoch=0)
     seen = []
     for rank in range(2):
-        for row in shard_dataset(plan[rank], {"edit-images": {}, "ref-images": {}, "text": {}}).iter_rows():
+        for row in shard_dataset(plan[rank], make_plan(config).options).iter_rows():
             tensors = batch_tensors(row)
             ids = json.loads(row["sample_ids"])
             seen += ids
             assert tensors["edit"].shape[0] == tensors["text"].shape[0] == len(ids)
             assert tensors["edit"].shape == tensors["ref"].shape
     assert sorted(seen) == sorted(m["sample_id"] for m in manifest)
+
+
+def test_cache_on_s3(ray_local, data, s3_endpoint):
+    """Images and every cache dir on s3:// (SimpleTuner's aws dataset keys) against a loopback S3 API."""
+    import s3fs
+
+    root, raw, backend = data
+    bucket = f"lcr-{os.getpid()}-{id(data) % 10000}"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir(bucket)
+    fs.put(str(root / "data") + "/", f"{bucket}/data/", recursive=True)
+    aws = {"type": "aws", "aws_bucket_name": bucket, "aws_endpoint_url": s3_endpoint, "aws_region_name": "us-east-1"}
+    backend[0].update(aws, aws_data_prefix="data/edits", cache_dir_vae=f"s3://{bucket}/cache/vae/edit")
+    backend[1].update(aws, aws_data_prefix="data/refs", cache_dir_vae=f"s3://{bucket}/cache/vae/ref")
+    backend[2].update(aws, cache_dir=f"s3://{bucket}/cache/text")
+    for entry in backend[:2]:
+        entry.pop("instance_data_dir")
+    config = save(root, raw, backend)
+    first = build_cache(config, progress=False)
+    assert (first.encoded, first.reused) == (8, 0) and first.manifest.startswith("s3://")
+    assert len(fs.ls(f"{bucket}/cache/vae/edit")) == 8 and len(fs.ls(f"{bucket}/cache/vae/ref")) == 8
+    with fs.open(f"{bucket}/data/edits/pair_0002.png", "wb") as handle:
+        Image.new("RGB", (160, 160), "green").save(handle, "PNG")
+    damage(config, "edit-images/pair_0004", "text", "flip")
+    fs.invalidate_cache()
+    again = build_cache(config, progress=False)
+    assert (again.encoded, again.reused) == (2, 6)
+    plan = plan_epoch(read_manifest(config), 4, 1, seed=0, epoch=0)[0]
+    rows = list(shard_dataset(plan, make_plan(config).options).iter_rows())
+    assert sum(len(json.loads(r["sample_ids"])) for r in rows) == 8

@@ -1,0 +1,83 @@
+"""The dataset report: every kind of broken pair is named, nothing is dropped silently."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from longcat_ray.cli import main
+from longcat_ray.config import load_config
+from longcat_ray.pairs import DatasetError, prepare_pairs
+
+pytestmark = pytest.mark.slow
+
+
+def png(path, size=(160, 160), colour="red"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture()
+def broken(tmp_path):
+    """Two good pairs and one pair broken in each way the report must name."""
+    edits, refs = tmp_path / "edits", tmp_path / "refs"
+    for stem in ("good_a", "good_b", "no_caption", "bad_caption", "corrupt", "empty", "truncated", "small", "sub/nested"):
+        png(edits / f"{stem}.png")
+        png(refs / f"{stem}.png", colour="blue")
+        (edits / f"{stem}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (edits / f"{stem}.txt").write_text("make it blue")
+    png(edits / "orphan_edit.png")
+    (edits / "orphan_edit.txt").write_text("x")
+    png(refs / "orphan_ref.png")
+    (edits / "no_caption.txt").unlink()
+    (edits / "bad_caption.txt").write_bytes(b"caf\xe9 \xff")
+    (refs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    (edits / "empty.png").write_bytes(b"")
+    data = (refs / "truncated.png").read_bytes()
+    (refs / "truncated.png").write_bytes(data[: len(data) // 2])
+    png(edits / "small.png", size=(32, 32))
+    backend = [
+        {"id": "e", "instance_data_dir": str(edits), "caption_strategy": "textfile", "resolution": 128,
+         "cache_dir_vae": str(tmp_path / "c" / "e"), "conditioning_data": ["r"], "minimum_image_size": 64},
+        {"id": "r", "instance_data_dir": str(refs), "caption_strategy": None, "resolution": 128,
+         "cache_dir_vae": str(tmp_path / "c" / "r")},
+    ]
+    (tmp_path / "backend.json").write_text(json.dumps(backend))
+    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "backend.json")}))
+    return tmp_path
+
+
+EXPECTED = {
+    "edit without reference": "edits/orphan_edit.png",
+    "reference without edit": "refs/orphan_ref.png",
+    "missing caption": "edits/no_caption.txt",
+    "undecodable caption": "edits/bad_caption.txt",
+    "unreadable image": ["refs/corrupt.png", "edits/empty.png", "refs/truncated.png"],
+    "image below minimum size": "edits/small.png",
+}
+
+
+def test_report_names_every_broken_file(ray_local, broken):
+    config, _ = load_config(broken / "config.json")
+    with pytest.raises(DatasetError) as err:
+        prepare_pairs(config)
+    found = {(p.kind, p.file.removeprefix(str(broken) + "/")) for p in err.value.problems}
+    expected = {(kind, f) for kind, files in EXPECTED.items() for f in ([files] if isinstance(files, str) else files)}
+    assert found == expected
+    assert "0 bytes" in str(err.value)
+
+
+def test_skip_bad_pairs_keeps_the_good_ones_and_says_which(ray_local, broken, capsys):
+    raw = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**raw, "skip_bad_pairs": True}))
+    config, _ = load_config(broken / "config.json")
+    good, problems = prepare_pairs(config)
+    assert sorted(r["sample_id"] for r in good) == ["e/good_a", "e/good_b", "e/sub/nested"]
+    assert len(problems) == 8
+    assert all(r["caption"] == "make it blue" and (r["bucket_w"], r["bucket_h"]) == (128, 128) for r in good)
+
+
+def test_cli_stops_with_the_report(ray_local, broken, capsys):
+    assert main(["cache", "--config", str(broken / "config.json")]) == 2
+    err = capsys.readouterr().err
+    assert "dataset report: 8 problem(s)" in err and "orphan_ref.png" in err and "skip_bad_pairs" in err
