@@ -13,7 +13,11 @@ echo "== 2. config check"
 $CLI config check --config "$DEMO/config/config.json" > "$DEMO/resolved-config.json"
 echo "resolved config: $DEMO/resolved-config.json"
 
-echo "== 3. one edit with the tiny pipeline (the one inference path)"
+echo "== 3. latent cache (Ray Data on encoder actors); the second run reuses every entry"
+$CLI cache --config "$DEMO/config/config.json"
+$CLI cache --config "$DEMO/config/config.json"
+
+echo "== 4. one edit with the tiny pipeline (the one inference path)"
 $CLI edit --pretrained_model_name_or_path "$DEMO/model" --image "$DEMO/data/refs/pair_0001.png" \
   --prompt "swap the red and blue colours" --resolution 128x128 --steps 4 --output "$DEMO/edit.png"
 
