@@ -13,7 +13,8 @@ import hashlib
 import json
 import struct
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from longcat_ray.arrays import tensor_from_bytes, tensor_to_bytes
 from longcat_ray.buckets import fit_to_bucket
 from longcat_ray.config import Config
-from longcat_ray.model.latents import encode_latents, image_to_tensor
-from longcat_ray.model.prompt import encode_prompts, vl_image
+from longcat_ray.model.latents import encode_latents, pixels_to_tensor
+from longcat_ray.model.prompt import encode_prompt_inputs, prepare_vision, vl_image
 from longcat_ray.pairs import decode_image, read_bytes
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
 
@@ -46,7 +48,11 @@ class CachePlan:
     """dataset id (and 'text') -> s3fs options."""
     blank: bool
     """Also encode the blank-instruction embedding (caption dropout is on)."""
+    vae_fp: str
+    text_fp: str
     batch_size: int = 8
+    persist: bool = True
+    """False: the streaming mode, where encoded pairs feed training without being written."""
 
 
 @dataclass(kw_only=True)
@@ -76,7 +82,10 @@ def make_plan(config: Config) -> CachePlan:
     datasets = [d for d in config.data.datasets if d.dataset_type in ("image", "conditioning") and not d.disabled]
     options = {d.id: d.storage_options for d in datasets}
     options["text"] = config.data.text_cache_options
+    vae_fp, text_fp = model_fingerprints(config.model.pretrained_model_name_or_path, config.model.revision)
     return CachePlan(
+        vae_fp=vae_fp,
+        text_fp=text_fp,
         model=config.model.pretrained_model_name_or_path,
         revision=config.model.revision,
         vae_dirs={d.id: d.cache_dir_vae for d in datasets},
@@ -90,14 +99,29 @@ def make_plan(config: Config) -> CachePlan:
 # ---- model resolution and fingerprints ---------------------------------------------------------------
 
 
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local pipeline folder, or the hub snapshot of a repo id (downloaded once into the HF cache)."""
+CONFIG_FILES = ["model_index.json", "*/config.json", "text_processor/*", "tokenizer/*", "scheduler/*"]
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None, configs_only: bool = False) -> Path:
+    """A local pipeline folder, or the hub snapshot of a repo id (downloaded once into the HF cache);
+    `configs_only` fetches just the configs, tokenizer and processor files."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name_or_path, revision=revision))
+    patterns = CONFIG_FILES if configs_only else None
+    return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
+
+
+def model_fingerprints(name_or_path: str, revision: str | None = None) -> tuple[str, str]:
+    """(VAE fingerprint, text-encoder fingerprint). Local folders hash their files; a hub snapshot's folder
+    name is its commit hash, which pins every file in it."""
+    if Path(name_or_path).expanduser().is_dir():
+        root = Path(name_or_path).expanduser()
+        return fingerprint_files(root, ("vae",)), fingerprint_files(root, ("text_encoder", "tokenizer", "text_processor"))
+    commit = resolve_model_dir(name_or_path, revision, configs_only=True).name
+    return short_hash(name_or_path, commit, "vae"), short_hash(name_or_path, commit, "text")
 
 
 def fingerprint_files(root: Path, subfolders: tuple[str, ...]) -> str:
@@ -122,8 +146,9 @@ def short_hash(*parts: Any) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:20]
 
 
-def entry_urls(row: dict[str, Any], plan: CachePlan, vae_fp: str, text_fp: str) -> dict[str, str]:
+def entry_urls(row: dict[str, Any], plan: CachePlan) -> dict[str, str]:
     """Where each of a pair's entries lives; the name changes whenever what it encodes changes."""
+    vae_fp, text_fp = plan.vae_fp, plan.text_fp
     name = row["sample_id"].replace("/", "__")
     bucket = f"{row['bucket_w']}x{row['bucket_h']}"
     urls = {
@@ -189,86 +214,163 @@ def valid_entry_size(url: str, options: dict[str, Any]) -> int | None:
     return len(data) if parse_entry(data) is not None else None
 
 
-# ---- the encoder actor -------------------------------------------------------------------------------
+# ---- stage 1 (CPU tasks): what is missing, decode, fit, VL preprocessing ----------------------------
+
+_PROCESSORS: dict[str, Any] = {}
+
+
+def vl_processor_at(root: Path):
+    from transformers import Qwen2VLProcessor
+
+    return Qwen2VLProcessor.from_pretrained(root, subfolder="text_processor").image_processor
+
+
+def vl_processor(plan: CachePlan):
+    """The VL image processor (small files), loaded once per worker process."""
+    if plan.model not in _PROCESSORS:
+        _PROCESSORS[plan.model] = vl_processor_at(resolve_model_dir(plan.model, plan.revision, configs_only=True))
+    return _PROCESSORS[plan.model]
+
+
+def missing_kinds(row: dict[str, Any], plan: CachePlan) -> tuple[list[str], int]:
+    """-> (entry kinds to (re-)encode, bytes of the valid ones)."""
+    urls, missing, valid = json.loads(row["urls"]), [], 0
+    for kind, url in urls.items():
+        size = valid_entry_size(url, entry_options(kind, row, plan)) if plan.persist else None
+        missing += [kind] if size is None else []
+        valid += size or 0
+    return missing, valid
+
+
+def prepare_row(row: dict[str, Any], plan: CachePlan, image_processor) -> dict[str, Any]:
+    """Decode and fit both images to the bucket; the VL copy of the reference, patchified."""
+    width, height = int(row["bucket_w"]), int(row["bucket_h"])
+    edit = fit_to_bucket(read_image(row["edit_url"], entry_options("edit", row, plan)), width, height)
+    ref = fit_to_bucket(read_image(row["ref_url"], entry_options("ref", row, plan)), width, height)
+    pixel_values, grid = prepare_vision(image_processor, [vl_image(ref, width, height)])
+    return {"edit_pixels": np.asarray(edit), "ref_pixels": np.asarray(ref), "vl_pixels": pixel_values.numpy(), "vl_grid": grid[0].numpy()}
+
+
+EMPTY_PREPARED = {"edit_pixels": np.zeros((0, 0, 3), np.uint8), "ref_pixels": np.zeros((0, 0, 3), np.uint8),
+                  "vl_pixels": np.zeros((0, 0), np.float32), "vl_grid": np.zeros(3, np.int64)}
+
+
+def prepare_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list]:
+    """Stage 1: rows whose entries are all valid pass through with empty arrays."""
+    rows = batch_rows(batch)
+    for row in rows:
+        missing, valid = missing_kinds(row, plan)
+        row.update(missing=json.dumps(missing), valid_bytes=valid)
+        row.update(prepare_row(row, plan, vl_processor(plan)) if missing else EMPTY_PREPARED)
+    return columns(rows)
+
+
+# ---- stage 2 (GPU actors): encode ------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class EncoderComponents:
+    """The frozen encoders of the cache stage."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    image_processor: Any
+
+
+def load_encoder_components(model: str, revision: str | None = None) -> EncoderComponents:
+    """VAE + VL text encoder (not the DiT) from a pipeline folder or hub id, on the GPU when there is one."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    root = resolve_model_dir(model, revision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype)
+    return EncoderComponents(
+        vae=vae,
+        text_encoder=text_encoder.to(device).eval(),
+        tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        image_processor=vl_processor_at(root),
+    )
 
 
 class CacheEncoder:
-    """Ray Data actor: loads the VAE and the VL text encoder once, encodes what is missing in each batch."""
+    """Ray Data actor: holds the VAE and the VL text encoder; encodes every row that misses an entry."""
 
-    def __init__(self, plan: CachePlan):
-        from diffusers import AutoencoderKL
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
-
+    def __init__(self, plan: CachePlan, factory: Callable[[], EncoderComponents] | None = None):
         self.plan = plan
-        root = resolve_model_dir(plan.model, plan.revision)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(self.device).eval()
-        self.text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            root, subfolder="text_encoder", torch_dtype=dtype
-        ).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
-        self.image_processor = Qwen2VLProcessor.from_pretrained(root, subfolder="text_processor").image_processor
-        self.vae_fp = fingerprint_files(root, ("vae",))
-        self.text_fp = fingerprint_files(root, ("text_encoder", "tokenizer", "text_processor"))
+        parts = factory() if factory else load_encoder_components(plan.model, plan.revision)
+        self.vae, self.text_encoder = parts.vae, parts.text_encoder
+        self.tokenizer, self.merge_size = parts.tokenizer, parts.image_processor.merge_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = batch_rows(batch)
         for row in rows:
-            row["urls"] = entry_urls(row, self.plan, self.vae_fp, self.text_fp)
-            sizes = {k: valid_entry_size(url, entry_options(k, row, self.plan)) for k, url in row["urls"].items()}
-            row["missing"] = [k for k, size in sizes.items() if size is None]
-            row["reused_bytes"], row["written"] = sum(v for v in sizes.values() if v), 0
-        for bucket, group in group_by_bucket([r for r in rows if r["missing"]]).items():
-            for row, tensors in zip(group, self.encode_group(group, bucket)):
-                row["written"] = self.store(row, tensors)
-        return {
-            "sample_id": np.array([r["sample_id"] for r in rows]),
-            "status": np.array(["encoded" if r["missing"] else "reused" for r in rows]),
-            "bytes_written": np.array([r["written"] for r in rows]),
-            "cache_bytes": np.array([r["written"] + r["reused_bytes"] for r in rows]),
-            "urls": np.array([json.dumps(r["urls"]) for r in rows]),
-        }
+            row.update({f"{kind}_{part}": EMPTY_ENCODED[part] for kind in ENTRY_KINDS for part in EMPTY_ENCODED})
+        for group in group_by_bucket([r for r in rows if json.loads(r["missing"])]).values():
+            self.encode_group(group)
+        for row in rows:
+            row.update(EMPTY_PREPARED)  # the pixels are not needed downstream
+        return columns(rows)
 
     @torch.no_grad()
-    def encode_group(self, rows: list[dict[str, Any]], bucket: tuple[int, int]) -> list[dict[str, dict[str, torch.Tensor]]]:
-        """Encode a same-bucket group -> per row {kind: tensors} for its missing kinds."""
-        width, height = bucket
-        edits = [fit_to_bucket(self.image(r["edit_url"], r, "edit"), width, height) for r in rows]
-        refs = [fit_to_bucket(self.image(r["ref_url"], r, "ref"), width, height) for r in rows]
-        out: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in rows]
-        kinds = {k for r in rows for k in r["missing"]}
-        if "edit" in kinds:
-            self.put(out, "edit", "latents", encode_latents(self.vae, image_to_tensor(edits)))
-        if "ref" in kinds:
-            self.put(out, "ref", "latents", encode_latents(self.vae, image_to_tensor(refs)))
-        vls = [vl_image(ref, width, height) for ref in refs]
-        encoder = (self.text_encoder, self.tokenizer, self.image_processor)
-        if "text" in kinds:
-            self.put(out, "text", "prompt_embeds", encode_prompts(*encoder, [r["caption"] for r in rows], vls))
-        if "blank" in kinds:
-            self.put(out, "blank", "prompt_embeds", encode_prompts(*encoder, [""] * len(rows), vls))
-        return out
+    def encode_group(self, rows: list[dict[str, Any]]) -> None:
+        """Encode a same-bucket group in place: edit/ref latents, prompt (+ blank) embeddings."""
+        device = self.vae.device
+        for kind in ("edit", "ref"):
+            pixels = torch.from_numpy(np.stack([r[f"{kind}_pixels"] for r in rows])).to(device)
+            put(rows, kind, encode_latents(self.vae, pixels_to_tensor(pixels)))
+        instructions = [r["caption"] for r in rows] + ([""] * len(rows) if self.plan.blank else [])
+        copies = 2 if self.plan.blank else 1
+        pixel_values = torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows] * copies))
+        grid = torch.from_numpy(np.stack([r["vl_grid"] for r in rows] * copies))
+        embeds = encode_prompt_inputs(self.text_encoder, self.tokenizer, instructions, pixel_values, grid, self.merge_size)
+        put(rows, "text", embeds[: len(rows)])
+        if self.plan.blank:
+            put(rows, "blank", embeds[len(rows) :])
 
-    @staticmethod
-    def put(out: list[dict], kind: str, name: str, batch: torch.Tensor) -> None:
-        for i, tensors in enumerate(out):
-            tensors[kind] = {name: batch[i]}
 
-    def image(self, url: str, row: dict[str, Any], kind: str):
-        image, _, problems = decode_image(url, entry_options(kind, row, self.plan), 0)
-        if image is None:  # changed since the dataset report
-            raise RuntimeError(f"cannot read {url} while caching: {problems[0]}")
-        return image
+EMPTY_ENCODED = {"bytes": b"", "shape": "[]", "dtype": ""}
 
-    def store(self, row: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> int:
-        total = 0
-        for kind in row["missing"]:
-            data = serialize_entry(tensors[kind], row["sample_id"])
-            fs, path = filesystem(row["urls"][kind], entry_options(kind, row, self.plan))
+
+def put(rows: list[dict[str, Any]], kind: str, batch: torch.Tensor) -> None:
+    for row, tensor in zip(rows, batch):
+        row[f"{kind}_bytes"], row[f"{kind}_shape"], row[f"{kind}_dtype"] = tensor_to_bytes(tensor)
+
+
+def row_tensor(row: dict[str, Any], kind: str) -> torch.Tensor:
+    return tensor_from_bytes(row[f"{kind}_bytes"], row[f"{kind}_shape"], row[f"{kind}_dtype"])
+
+
+# ---- stage 3 (CPU tasks): write --------------------------------------------------------------------
+
+
+def write_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list]:
+    """Stage 3: serialise and write each row's missing entries -> per-row status and byte counts."""
+    out = []
+    for row in batch_rows(batch):
+        missing, urls, written = json.loads(row["missing"]), json.loads(row["urls"]), 0
+        for kind in missing:
+            data = serialize_entry({TENSOR_NAMES[kind]: row_tensor(row, kind)}, row["sample_id"])
+            fs, path = filesystem(urls[kind], entry_options(kind, row, plan))
             write_bytes_atomic(fs, path, data)
-            total += len(data)
-        return total
+            written += len(data)
+        status = "encoded" if missing else "reused"
+        out.append(dict(sample_id=row["sample_id"], status=status, bytes_written=written, cache_bytes=written + int(row["valid_bytes"])))
+    return columns(out)
+
+
+TENSOR_NAMES = {"edit": "latents", "ref": "latents", "text": "prompt_embeds", "blank": "prompt_embeds"}
+
+
+def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
 
 def group_by_bucket(rows: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
@@ -276,6 +378,13 @@ def group_by_bucket(rows: list[dict[str, Any]]) -> dict[tuple[int, int], list[di
     for row in rows:
         groups.setdefault((int(row["bucket_w"]), int(row["bucket_h"])), []).append(row)
     return groups
+
+
+def read_image(url: str, options: dict[str, Any]):
+    image, _, problems = decode_image(url, options, 0)
+    if image is None:  # changed since the dataset report
+        raise RuntimeError(f"cannot read {url} while caching: {problems[0]}")
+    return image
 
 
 # ---- the driver --------------------------------------------------------------------------------------
@@ -287,19 +396,28 @@ def manifest_url(config: Config) -> str:
     return join(config.data.text_cache_dir, f"manifest-{short_hash(edits)}.jsonl")
 
 
-def encode_dataset(pairs: list[dict[str, Any]], plan: CachePlan, workers: int | None = None):
-    """The Ray Data map stage: one encoder actor per GPU (or `workers` CPU actors without GPUs)."""
+def encode_dataset(pairs: list[dict[str, Any]], plan: CachePlan, workers: int | None = None, factory=None):
+    """The Ray Data pipeline: CPU tasks prepare, encoder actors (one GPU each) encode, CPU tasks write.
+
+    Rows carry their entry URLs; rows whose entries are all valid flow through without being decoded.
+    """
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    size = workers or max(1, gpus)
-    return ray.data.from_items(pairs).map_batches(
+    rows = [{**row, "urls": json.dumps(entry_urls(row, plan))} for row in pairs]
+    # Distinct resource asks keep Ray Data from fusing the CPU stages into the encoder actor, so decoding and
+    # writing run on every CPU of the cluster while the GPUs encode.
+    cpu_stage = {"batch_size": plan.batch_size, "fn_kwargs": {"plan": plan}, "num_cpus": 1}
+    prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage)
+    encoded = prepared.map_batches(
         CacheEncoder,
-        fn_constructor_kwargs={"plan": plan},
-        compute=ray.data.ActorPoolStrategy(size=size),
+        fn_constructor_kwargs={"plan": plan, "factory": factory},
+        compute=ray.data.ActorPoolStrategy(size=workers or max(1, gpus)),
         num_gpus=1 if gpus else 0,
+        num_cpus=1 if gpus else 0.5,
         batch_size=plan.batch_size,
     )
+    return encoded.map_batches(write_batch, **cpu_stage) if plan.persist else encoded
 
 
 def write_manifest(url: str, options: dict[str, Any], pairs: list[dict[str, Any]], urls: dict[str, dict[str, str]]) -> None:
@@ -327,17 +445,14 @@ def build_cache(config: Config, workers: int | None = None, progress: bool = Tru
     pairs, problems = prepare_pairs(config)
     plan = make_plan(config)
     summary = CacheSummary(pairs=len(pairs), skipped=[str(p) for p in problems], manifest=manifest_url(config))
-    urls: dict[str, dict[str, str]] = {}
     start = time.time()
     with tqdm(total=len(pairs), desc="caching", unit="pair", disable=not progress) as bar:
         for batch in encode_dataset(pairs, plan, workers).iter_batches(batch_size=None, batch_format="numpy"):
-            for sample_id, status, url_json in zip(batch["sample_id"], batch["status"], batch["urls"]):
-                urls[str(sample_id)] = json.loads(url_json)
-                summary.encoded += status == "encoded"
-                summary.reused += status == "reused"
+            summary.encoded += int((batch["status"] == "encoded").sum())
+            summary.reused += int((batch["status"] == "reused").sum())
             summary.bytes_written += int(batch["bytes_written"].sum())
             summary.cache_bytes += int(batch["cache_bytes"].sum())
             bar.update(len(batch["sample_id"]))
     summary.seconds = time.time() - start
-    write_manifest(summary.manifest, plan.options["text"], pairs, urls)
+    write_manifest(summary.manifest, plan.options["text"], pairs, {r["sample_id"]: entry_urls(r, plan) for r in pairs})
     return summary

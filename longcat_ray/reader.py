@@ -12,12 +12,12 @@ import json
 import random
 from typing import Any
 
-import numpy as np
 import torch
 
+from longcat_ray.arrays import tensor_from_bytes, tensor_to_bytes
+from longcat_ray.cache import TENSOR_NAMES as TENSOR_KINDS
 from longcat_ray.cache import load_entry
 
-TENSOR_KINDS = {"edit": "latents", "ref": "latents", "text": "prompt_embeds", "blank": "prompt_embeds"}
 
 
 def expand_repeats(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,18 +62,6 @@ def plan_epoch(
     return [batches[rank::world_size] for rank in range(world_size)]
 
 
-def to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
-    """numpy has no bfloat16: carry its bits as int16 plus the dtype's name."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy(), "bfloat16"
-    return tensor.numpy(), str(tensor.dtype).removeprefix("torch.")
-
-
-def from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
-    tensor = torch.from_numpy(np.array(array, copy=True))  # Ray hands out read-only views
-    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
-
-
 def load_batch(row: dict[str, Any], options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A planned batch (sample ids + entry URLs) -> stacked arrays per kind."""
     members = json.loads(row["members"])
@@ -87,7 +75,7 @@ def load_batch(row: dict[str, Any], options: dict[str, dict[str, Any]]) -> dict[
             if entry is None:
                 raise RuntimeError(f"cache entry {member['entries'][kind]} is missing or corrupt: re-run `longcat-ray cache`")
             tensors.append(entry[name])
-        out[kind], out[f"{kind}_dtype"] = to_numpy(torch.stack(tensors))
+        out[f"{kind}_bytes"], out[f"{kind}_shape"], out[f"{kind}_dtype"] = tensor_to_bytes(torch.stack(tensors))
     return out
 
 
@@ -108,4 +96,8 @@ def shard_dataset(batches: list[list[dict[str, Any]]], options: dict[str, dict[s
 
 def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A row of `shard_dataset` -> torch tensors per kind (edit/ref latents, text/blank embeddings)."""
-    return {kind: from_numpy(row[kind], row[f"{kind}_dtype"]) for kind in TENSOR_KINDS if kind in row}
+    return {
+        kind: tensor_from_bytes(row[f"{kind}_bytes"], row[f"{kind}_shape"], row[f"{kind}_dtype"])
+        for kind in TENSOR_KINDS
+        if f"{kind}_bytes" in row
+    }

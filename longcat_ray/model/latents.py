@@ -20,8 +20,12 @@ def resize_image(image: Image.Image, width: int, height: int) -> Image.Image:
 
 def image_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """[n] RGB PIL images of one size -> [n, 3, h, w] float32 in [-1, 1]."""
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+    return pixels_to_tensor(torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])))
+
+
+def pixels_to_tensor(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, h, w, 3] (on any device) -> float32 [n, 3, h, w] in [-1, 1], as diffusers' preprocess."""
+    return (pixels.float() / 255.0).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
 
 
 def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:

@@ -72,26 +72,44 @@ def pipeline_prompt_encoder(pipe) -> tuple:
     return pipe.text_encoder, pipe.tokenizer, pipe.text_processor.image_processor
 
 
-@torch.no_grad()
-def encode_prompts(
-    text_encoder, tokenizer, image_processor, instructions: list[str], vl_images: list[Image.Image]
-) -> torch.Tensor:
-    """[b] instructions + [b] same-size VL images -> prompt embeddings [b, vision tokens + 2 + 512, d].
+def prepare_vision(image_processor, vl_images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b] same-size VL images -> (pixel_values [b * patches, c * t * p * p], image_grid_thw [b, 3]).
 
-    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix. The
-    pipeline's own components: `pipe.tokenizer` and `pipe.text_processor.image_processor`.
+    CPU work (resize to the patch grid, normalise, patchify): the cache stage runs it apart from the GPU.
     """
     if len({im.size for im in vl_images}) != 1:
         raise ValueError(f"encode_prompts needs VL images of one size (one bucket), got {sorted({im.size for im in vl_images})}")
     vision = image_processor(images=vl_images, return_tensors="pt")
-    image_tokens = int(vision["image_grid_thw"][0].prod()) // image_processor.merge_size**2
+    return vision["pixel_values"], vision["image_grid_thw"]
+
+
+@torch.no_grad()
+def encode_prompt_inputs(
+    text_encoder, tokenizer, instructions: list[str], pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge_size: int
+) -> torch.Tensor:
+    """Instructions + prepared VL inputs of one bucket -> prompt embeddings [b, vision tokens + 2 + 512, d].
+
+    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix.
+    """
+    image_tokens = int(grid_thw[0].prod()) // merge_size**2
     input_ids, mask, start, suffix_len = build_prompt_inputs(tokenizer, instructions, image_tokens)
     device = text_encoder.device
     output = text_encoder(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
-        pixel_values=vision["pixel_values"].to(device),
-        image_grid_thw=vision["image_grid_thw"].to(device),
+        pixel_values=pixel_values.to(device),
+        image_grid_thw=grid_thw.to(device),
         output_hidden_states=True,
     )
     return output.hidden_states[-1][:, start:-suffix_len].detach()
+
+
+def encode_prompts(
+    text_encoder, tokenizer, image_processor, instructions: list[str], vl_images: list[Image.Image]
+) -> torch.Tensor:
+    """[b] instructions + [b] same-size VL images -> prompt embeddings [b, vision tokens + 2 + 512, d].
+
+    The pipeline's own components: `pipe.tokenizer` and `pipe.text_processor.image_processor`.
+    """
+    pixel_values, grid_thw = prepare_vision(image_processor, vl_images)
+    return encode_prompt_inputs(text_encoder, tokenizer, instructions, pixel_values, grid_thw, image_processor.merge_size)
