@@ -71,6 +71,27 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from longcat_ray.pairs import DatasetError
+    from longcat_ray.runtime import init_ray
+    from longcat_ray.training import train
+
+    config = load_or_report(args.config)
+    if config is None:
+        return EXIT_BAD_INPUT
+    if args.workers:
+        config.train.num_workers = args.workers
+    init_ray()
+    try:
+        result = train(config)
+    except DatasetError as err:
+        print(f"dataset report: {err}\nFix the files above, or set \"skip_bad_pairs\": true.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"trained {result.steps} steps; LoRA: {result.output_dir}/pytorch_lora_weights.safetensors "
+          f"(PEFT: {result.output_dir}/adapter); last checkpoint: {result.checkpoint}")
+    return 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from longcat_ray.inference import EditRequest, load_editor
 
@@ -125,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--config", required=True, help="path to config.json")
     cache.add_argument("--workers", type=int, default=None, help="encoder actors (default: one per GPU, 1 on CPU)")
     cache.set_defaults(func=cmd_cache)
+
+    train = sub.add_parser(
+        "train",
+        help="cache what is missing, then train the LoRA on Ray Train + DeepSpeed ZeRO",
+        description="SimpleTuner's `train --config`: builds the cache for what is new, then trains on one worker per "
+        "GPU (2 CPU workers without GPUs), checkpointing every checkpointing_steps to output_dir and restarting "
+        "from the last checkpoint when a worker dies. Re-running the same command resumes "
+        "(resume_from_checkpoint: latest). The LoRA lands in output_dir/pytorch_lora_weights.safetensors.",
+    )
+    train.add_argument("--config", required=True, help="path to config.json")
+    train.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 2 on CPU)")
+    train.set_defaults(func=cmd_train)
 
     edit = sub.add_parser(
         "edit",

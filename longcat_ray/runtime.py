@@ -18,7 +18,9 @@ def init_ray(address: str | None = None, quiet: bool = True) -> None:
     for key, value in PROCESS_ENV.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"include_dashboard": False}
+    # A local Ray gets at least 4 logical CPUs: on a 2-core box two CPU training workers would otherwise
+    # leave none for the Ray Data tasks that feed them.
+    local = {} if address else {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 4)}
     ray.init(address=address, runtime_env={"env_vars": dict(PROCESS_ENV)}, **local)
     if quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,39 @@
+"""The training objective, exactly as the official LongCat edit trainer (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longcat_ray.model import flow
+from longcat_ray.model.latents import pack_latents
+
+
+def choose_prompts(text: torch.Tensor, blank: torch.Tensor | None, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """Caption dropout: each sample's embedding swapped for ("", same reference) with probability `dropout`."""
+    if blank is None or dropout <= 0:
+        return text
+    drop = torch.rand(text.shape[0], generator=generator) < dropout  # [b]
+    return torch.where(drop.view(-1, 1, 1).to(text.device), blank, text)
+
+
+def flow_matching_loss(
+    transformer,
+    edit_latents: torch.Tensor,
+    ref_latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MSE between the DiT's velocity and eps - x0 on the edit latents, given the clean reference.
+
+    edit/ref latents [b, 16, h/8, w/8] (one bucket), prompt_embeds [b, L, d]. sigma = shift(sigmoid(N(0,1)))
+    with the shift of this resolution; the reference tokens ride along at the same timestep.
+    """
+    b, _, h, w = edit_latents.shape
+    clean, reference = pack_latents(edit_latents), pack_latents(ref_latents)  # [b, n, 64]
+    sigmas = flow.sample_sigmas(b, flow.shift_mu(clean.shape[1]), generator)  # [b]
+    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(clean.device, clean.dtype)
+    noisy = flow.noise_latents(clean, noise, sigmas.to(clean.device))
+    txt_ids, img_ids = flow.edit_position_ids(prompt_embeds.shape[1], h // 2, w // 2)
+    velocity = flow.predict_velocity(transformer, noisy, reference, prompt_embeds, txt_ids, img_ids, sigmas)
+    return F.mse_loss(velocity.float(), flow.flow_target(clean, noise).float())

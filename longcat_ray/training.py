@@ -1,0 +1,277 @@
+"""Training: the Ray Train driver (cache, TorchTrainer, final export) and the per-worker loop.
+
+Ray Train owns the process group and restarts the worker group from the last reported checkpoint when a
+worker dies; `zero.py` owns DeepSpeed; the data order is the reader's pure epoch plan, so a resumed run
+continues exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longcat_ray.config import Config
+from longcat_ray.storage import filesystem, join, write_bytes_atomic
+
+LORA_DIR = "lora"
+LOG_EVERY = 5
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    steps: int
+    output_dir: str
+    checkpoint: str
+    metrics: dict[str, Any]
+
+
+def config_hash(config: Config) -> str:
+    return hashlib.sha256(config.model_dump_json(exclude={"source"}).encode()).hexdigest()[:16]
+
+
+def run_name(config: Config) -> str:
+    """`latest` resumes the run of the same name; a fresh start (resume null) gets a new one."""
+    return "run" if config.train.resume_from_checkpoint == "latest" else f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def worker_count(config: Config, gpus: int) -> int:
+    return config.train.num_workers or (gpus if gpus else 2)
+
+
+def train(config: Config, progress: bool = True) -> TrainResult:
+    """Ensure the cache, train on Ray Train + DeepSpeed, export the final LoRA to output_dir."""
+    import ray
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from longcat_ray.cache import build_cache, make_plan, read_manifest
+
+    print(build_cache(config, progress=progress))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resume = config.train.resume_from_checkpoint
+    explicit = Checkpoint(resume) if resume and resume != "latest" else None
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "manifest": read_manifest(config),
+            "options": make_plan(config).options,
+            "progress": progress,
+        },
+        scaling_config=ScalingConfig(num_workers=worker_count(config, gpus), use_gpu=gpus > 0),
+        run_config=RunConfig(
+            storage_path=config.train.output_dir,
+            name=run_name(config),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.checkpoints_total_limit),
+            storage_filesystem=storage_filesystem(config.train.output_dir),
+        ),
+        resume_from_checkpoint=explicit,
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    copy_export(checkpoint, config.train.output_dir)
+    return TrainResult(steps=int(result.metrics["step"]), output_dir=config.train.output_dir, checkpoint=checkpoint.path, metrics=result.metrics)
+
+
+def storage_filesystem(url: str):
+    """pyarrow filesystem for s3:// output dirs (Ray Train's storage layer is pyarrow's)."""
+    if not url.startswith("s3://"):
+        return None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint) if endpoint else pyarrow.fs.S3FileSystem()
+
+
+def copy_export(checkpoint, output_dir: str) -> None:
+    """The final checkpoint's exported LoRA -> output_dir (pytorch_lora_weights.safetensors, adapter/)."""
+    fs, root = filesystem(output_dir)
+    with checkpoint.as_directory() as local:
+        for dirpath, _, files in os.walk(os.path.join(local, LORA_DIR)):
+            for name in files:
+                source = os.path.join(dirpath, name)
+                relative = os.path.relpath(source, os.path.join(local, LORA_DIR))
+                with open(source, "rb") as handle:
+                    write_bytes_atomic(fs, join(root, relative), handle.read())
+
+
+# ---- the worker ------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class WorkerState:
+    """What a checkpoint restores besides the weights: optimizer steps done and micro-batches consumed."""
+
+    step: int = 0
+    micro_step: int = 0
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Per worker: model + LoRA + DeepSpeed engine, resume, then micro-batches from the epoch plan."""
+    import ray.train
+
+    from longcat_ray.model.transformer import add_lora, load_transformer
+    from longcat_ray.zero import init_engine, load_checkpoint
+
+    config = Config.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = torch.device("cuda", context.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails at LongCat shapes (DESIGN.md §4)
+    dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else torch.float32
+    transformer = load_transformer(config.model, dtype, device)
+    if config.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = add_lora(transformer, config.lora, config.train.seed)
+    engine, scheduler = init_engine(transformer, params, config.train, world)
+    state = WorkerState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = WorkerState(**load_checkpoint(engine, directory)["longcat_ray"])
+    loop = TrainingLoop(config=config, engine=engine, params=params, scheduler=scheduler, rank=rank, world=world,
+                        device=device, dtype=dtype, state=state, manifest=loop_config["manifest"],
+                        options=loop_config["options"], progress=loop_config["progress"])
+    loop.run()
+
+
+@dataclass(kw_only=True)
+class TrainingLoop:
+    config: Config
+    engine: Any
+    params: list
+    scheduler: Any
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    state: WorkerState
+    manifest: list[dict[str, Any]]
+    options: dict[str, dict[str, Any]]
+    progress: bool
+
+    def run(self) -> None:
+        from longcat_ray.reader import plan_epoch
+
+        train = self.config.train
+        per_epoch = len(plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, 0)[self.rank])
+        self.writer, self.window = self.open_logs(), []
+        while self.state.step < train.max_train_steps:
+            epoch, index = divmod(self.state.micro_step, per_epoch)
+            self.run_epoch(epoch, index)
+        if self.state.step % train.checkpointing_steps:
+            self.checkpoint(self.metrics())  # the final state is always a checkpoint
+
+    def run_epoch(self, epoch: int, start: int) -> None:
+        from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
+
+        train = self.config.train
+        batches = plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, epoch)[self.rank]
+        for row in shard_dataset(batches, self.options, start=start).iter_rows():
+            self.log_samples(json.loads(row["sample_ids"]))
+            loss = self.train_micro_batch(batch_tensors(row))
+            if self.state.micro_step % train.gradient_accumulation_steps == 0:
+                self.after_step(loss)
+                if self.state.step >= train.max_train_steps:
+                    break
+
+    def train_micro_batch(self, tensors: dict[str, torch.Tensor]) -> float:
+        from longcat_ray.model.loss import choose_prompts, flow_matching_loss
+
+        train = self.config.train
+        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + self.state.micro_step * 1009 + self.rank)
+        move = lambda t: t.to(self.device, self.dtype)  # noqa: E731
+        prompts = choose_prompts(move(tensors["text"]), move(tensors["blank"]) if "blank" in tensors else None,
+                                 train.caption_dropout_probability, generator)
+        start = time.perf_counter()
+        loss = flow_matching_loss(self.engine, move(tensors["edit"]), move(tensors["ref"]), prompts, generator)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.state.micro_step += 1
+        self.window.append((loss.item(), tensors["edit"].shape[0], time.perf_counter() - start))
+        return loss.item()
+
+    def after_step(self, loss: float) -> None:
+        self.state.step += 1
+        metrics = self.metrics()
+        if self.rank == 0 and (self.state.step % LOG_EVERY == 0 or self.state.step == 1):
+            self.log(metrics)
+        if self.state.step % self.config.train.checkpointing_steps == 0:
+            self.checkpoint(metrics)
+
+    def metrics(self) -> dict[str, Any]:
+        window = self.window[-LOG_EVERY * self.config.train.gradient_accumulation_steps :] or [(float("nan"), 0, 1.0)]
+        seconds = sum(w[2] for w in window)
+        return {
+            "step": self.state.step,
+            "loss": sum(w[0] for w in window) / len(window),
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": sum(w[1] for w in window) * self.world / seconds,
+            "step_time_s": seconds / max(1, len(window) / self.config.train.gradient_accumulation_steps),
+        }
+
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Collective: every rank saves its shard and reports it; rank 0 adds the exported LoRA."""
+        import ray.train
+
+        from longcat_ray.export import export_lora
+        from longcat_ray.zero import gathered, save_checkpoint
+
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(self.engine, directory, {"longcat_ray": self.state.__dict__.copy()})
+            with gathered(self.params, self.config.train.zero_stage):
+                if self.rank == 0:
+                    export_lora(self.engine.module, os.path.join(directory, LORA_DIR), {}, self.export_meta())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def export_meta(self) -> dict[str, Any]:
+        lora = self.config.lora
+        return {
+            "base_model": self.config.model.pretrained_model_name_or_path,
+            "rank": lora.rank,
+            "alpha": lora.alpha or lora.rank,
+            "target_modules": list(lora.target_modules),
+            "steps": self.state.step,
+            "config_hash": config_hash(self.config),
+        }
+
+    def open_logs(self):
+        """Rank 0's TensorBoard writer under output_dir/logs (local output dirs; s3 runs log beside the job)."""
+        if self.rank != 0:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        out = self.config.train.output_dir
+        logdir = os.path.join(out, "logs") if "://" not in out else os.path.join(tempfile.gettempdir(), "longcat-ray-logs")
+        return SummaryWriter(logdir)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        train = self.config.train
+        print(
+            f"step {metrics['step']}/{train.max_train_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+            f"{metrics['samples_per_s']:.2f} samples/s  {metrics['step_time_s']:.2f} s/step",
+            flush=True,
+        )
+        for key, value in metrics.items():
+            if key != "step":
+                self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+        self.writer.flush()
+
+    def log_samples(self, sample_ids: list[str]) -> None:
+        """Which samples each micro-batch trained on: lets a resumed run be audited against the plan."""
+        out = self.config.train.output_dir
+        if "://" in out:
+            return
+        os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+        with open(os.path.join(out, "logs", f"samples-rank{self.rank}.jsonl"), "a") as handle:
+            handle.write(json.dumps({"micro_step": self.state.micro_step, "samples": sample_ids}) + "\n")
