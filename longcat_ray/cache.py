@@ -251,17 +251,20 @@ def prepare_row(row: dict[str, Any], plan: CachePlan, image_processor) -> dict[s
     return {"edit_pixels": np.asarray(edit), "ref_pixels": np.asarray(ref), "vl_pixels": pixel_values.numpy(), "vl_grid": grid[0].numpy()}
 
 
-EMPTY_PREPARED = {"edit_pixels": np.zeros((0, 0, 3), np.uint8), "ref_pixels": np.zeros((0, 0, 3), np.uint8),
-                  "vl_pixels": np.zeros((0, 0), np.float32), "vl_grid": np.zeros(3, np.int64)}
-
-
-def prepare_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list]:
-    """Stage 1: rows whose entries are all valid pass through with empty arrays."""
+def check_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list]:
+    """Stage 0: read each row's entries -> which kinds are missing or damaged, and the valid bytes."""
     rows = batch_rows(batch)
     for row in rows:
         missing, valid = missing_kinds(row, plan)
         row.update(missing=json.dumps(missing), valid_bytes=valid)
-        row.update(prepare_row(row, plan, vl_processor(plan)) if missing else EMPTY_PREPARED)
+    return columns(rows)
+
+
+def prepare_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list]:
+    """Stage 1: decode, fit and patchify every row (all of them miss at least one entry)."""
+    rows = batch_rows(batch)
+    for row in rows:
+        row.update(prepare_row(row, plan, vl_processor(plan)))
     return columns(rows)
 
 
@@ -309,10 +312,11 @@ class CacheEncoder:
         rows = batch_rows(batch)
         for row in rows:
             row.update({f"{kind}_{part}": EMPTY_ENCODED[part] for kind in ENTRY_KINDS for part in EMPTY_ENCODED})
-        for group in group_by_bucket([r for r in rows if json.loads(r["missing"])]).values():
+        for group in group_by_bucket(rows).values():
             self.encode_group(group)
         for row in rows:
-            row.update(EMPTY_PREPARED)  # the pixels are not needed downstream
+            for key in ("edit_pixels", "ref_pixels", "vl_pixels", "vl_grid"):
+                del row[key]  # not needed downstream
         return columns(rows)
 
     @torch.no_grad()
@@ -348,7 +352,7 @@ def row_tensor(row: dict[str, Any], kind: str) -> torch.Tensor:
 
 
 def write_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list]:
-    """Stage 3: serialise and write each row's missing entries -> per-row status and byte counts."""
+    """Stage 3: serialise and write each row's missing entries -> per-row byte counts."""
     out = []
     for row in batch_rows(batch):
         missing, urls, written = json.loads(row["missing"]), json.loads(row["urls"]), 0
@@ -357,8 +361,7 @@ def write_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list
             fs, path = filesystem(urls[kind], entry_options(kind, row, plan))
             write_bytes_atomic(fs, path, data)
             written += len(data)
-        status = "encoded" if missing else "reused"
-        out.append(dict(sample_id=row["sample_id"], status=status, bytes_written=written, cache_bytes=written + int(row["valid_bytes"])))
+        out.append(dict(sample_id=row["sample_id"], bytes_written=written, cache_bytes=written + int(row["valid_bytes"])))
     return columns(out)
 
 
@@ -396,19 +399,27 @@ def manifest_url(config: Config) -> str:
     return join(config.data.text_cache_dir, f"manifest-{short_hash(edits)}.jsonl")
 
 
-def encode_dataset(pairs: list[dict[str, Any]], plan: CachePlan, workers: int | None = None, factory=None):
-    """The Ray Data pipeline: CPU tasks prepare, encoder actors (one GPU each) encode, CPU tasks write.
+def cpu_stage(plan: CachePlan) -> dict[str, Any]:
+    return {"batch_size": plan.batch_size, "fn_kwargs": {"plan": plan}, "num_cpus": 1}
 
-    Rows carry their entry URLs; rows whose entries are all valid flow through without being decoded.
-    """
+
+def check_entries(pairs: list[dict[str, Any]], plan: CachePlan) -> list[dict[str, Any]]:
+    """Stage 0 over every pair (Ray Data tasks): rows with their entry URLs, missing kinds and valid bytes."""
+    import ray
+
+    rows = [{**row, "urls": json.dumps(entry_urls(row, plan))} for row in pairs]
+    return ray.data.from_items(rows).map_batches(check_batch, **cpu_stage(plan)).take_all() if rows else []
+
+
+def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | None = None, factory=None):
+    """Stages 1-3 over the rows that miss entries: CPU tasks prepare, encoder actors (one GPU each) encode,
+    CPU tasks write (streaming mode: the encoded rows themselves, nothing written)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    rows = [{**row, "urls": json.dumps(entry_urls(row, plan))} for row in pairs]
+    prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage(plan))
     # Distinct resource asks keep Ray Data from fusing the CPU stages into the encoder actor, so decoding and
     # writing run on every CPU of the cluster while the GPUs encode.
-    cpu_stage = {"batch_size": plan.batch_size, "fn_kwargs": {"plan": plan}, "num_cpus": 1}
-    prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage)
     encoded = prepared.map_batches(
         CacheEncoder,
         fn_constructor_kwargs={"plan": plan, "factory": factory},
@@ -417,7 +428,7 @@ def encode_dataset(pairs: list[dict[str, Any]], plan: CachePlan, workers: int | 
         num_cpus=1 if gpus else 0.5,
         batch_size=plan.batch_size,
     )
-    return encoded.map_batches(write_batch, **cpu_stage) if plan.persist else encoded
+    return encoded.map_batches(write_batch, **cpu_stage(plan)) if plan.persist else encoded
 
 
 def write_manifest(url: str, options: dict[str, Any], pairs: list[dict[str, Any]], urls: dict[str, dict[str, str]]) -> None:
@@ -446,12 +457,14 @@ def build_cache(config: Config, workers: int | None = None, progress: bool = Tru
     plan = make_plan(config)
     summary = CacheSummary(pairs=len(pairs), skipped=[str(p) for p in problems], manifest=manifest_url(config))
     start = time.time()
-    with tqdm(total=len(pairs), desc="caching", unit="pair", disable=not progress) as bar:
-        for batch in encode_dataset(pairs, plan, workers).iter_batches(batch_size=None, batch_format="numpy"):
-            summary.encoded += int((batch["status"] == "encoded").sum())
-            summary.reused += int((batch["status"] == "reused").sum())
-            summary.bytes_written += int(batch["bytes_written"].sum())
-            summary.cache_bytes += int(batch["cache_bytes"].sum())
+    checked = check_entries(pairs, plan)
+    todo = [row for row in checked if json.loads(row["missing"])]
+    summary.reused, summary.encoded = len(checked) - len(todo), len(todo)
+    summary.cache_bytes = sum(int(row["valid_bytes"]) for row in checked if not json.loads(row["missing"]))
+    with tqdm(total=len(todo), desc="encoding", unit="pair", disable=not progress or not todo) as bar:
+        for batch in encode_dataset(todo, plan, workers).iter_batches(batch_size=None) if todo else []:
+            summary.bytes_written += int(sum(batch["bytes_written"]))
+            summary.cache_bytes += int(sum(batch["cache_bytes"]))
             bar.update(len(batch["sample_id"]))
     summary.seconds = time.time() - start
     write_manifest(summary.manifest, plan.options["text"], pairs, {r["sample_id"]: entry_urls(r, plan) for r in pairs})

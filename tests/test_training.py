@@ -1,0 +1,154 @@
+"""Training end to end on the tiny model: real Ray Train, real DeepSpeed (gloo), 2 CPU workers."""
+
+import glob
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longcat_ray.cache import make_plan, read_manifest
+from longcat_ray.config import load_config
+from longcat_ray.export import LORA_FILE, PEFT_DIR
+from longcat_ray.inference import EditRequest, edit_image
+from longcat_ray.model.loss import flow_matching_loss
+from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
+from longcat_ray.training import train
+from tests.conftest import reference_image
+
+pytestmark = pytest.mark.slow
+STEPS = 24
+
+
+def tiny_config(tiny, out, **train):
+    config, _ = load_config(tiny.config)
+    config.train.output_dir = str(out)
+    config.train.max_train_steps = STEPS
+    config.train.checkpointing_steps = 8
+    config.train.learning_rate = 2e-3
+    config.lora.alpha = 8.0  # scale 2: exports must carry alpha, not assume alpha == rank
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def zero2(tiny, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2")
+    return tiny_config(tiny, out), train(tiny_config(tiny, out), progress=False)
+
+
+def samples_log(out, rank=0):
+    with open(os.path.join(out, "logs", f"samples-rank{rank}.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def lora_transformer(tiny, out):
+    from diffusers import LongCatImageTransformer2DModel
+
+    transformer = LongCatImageTransformer2DModel.from_pretrained(str(tiny.model), subfolder="transformer")
+    transformer.load_lora_adapter(str(out), weight_name=LORA_FILE, prefix="transformer")
+    return transformer.eval()
+
+
+@torch.no_grad()
+def eval_loss(transformer, config) -> float:
+    """Flow-matching loss over every cached pair with fixed noise: comparable across models."""
+    manifest, losses = read_manifest(config), []
+    batches = plan_epoch(manifest, 1, 1, seed=0, epoch=0)[0]
+    for i, row in enumerate(shard_dataset(batches, make_plan(config).options).iter_rows()):
+        tensors = batch_tensors(row)
+        for draw in range(4):
+            generator = torch.Generator().manual_seed(1000 * i + draw)
+            losses.append(flow_matching_loss(transformer, tensors["edit"], tensors["ref"], tensors["text"], generator).item())
+    return sum(losses) / len(losses)
+
+
+def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(zero2, tiny_pipe, tiny):
+    from peft import PeftModel
+
+    config, result = zero2
+    out = config.train.output_dir
+    assert result.steps == STEPS
+    base = eval_loss(tiny_pipe.transformer, config)
+    trained = lora_transformer(tiny, out)
+    assert eval_loss(trained, config) < 0.8 * base
+
+    # every adapter weight in the file lands in the model (B starts at zero: a key that failed to load stays
+    # zero), and diffusers applies alpha/rank = 2 as PEFT does
+    state = load_file(os.path.join(out, LORA_FILE))
+    assert all(k.startswith("transformer.") for k in state)
+    loaded = {n: p for n, p in trained.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(state) and all(p.abs().sum() > 0 for n, p in loaded.items() if "lora_B" in n)
+    from diffusers import LongCatImageTransformer2DModel
+
+    base_model = LongCatImageTransformer2DModel.from_pretrained(str(tiny.model), subfolder="transformer").eval()
+    peft_model = PeftModel.from_pretrained(base_model, os.path.join(out, PEFT_DIR)).eval()
+    tensors = next(iter(shard_dataset(plan_epoch(read_manifest(config), 1, 1, 0, 0)[0], make_plan(config).options).iter_rows()))
+    tensors = batch_tensors(tensors)
+    loss_d = flow_matching_loss(trained, tensors["edit"], tensors["ref"], tensors["text"], torch.Generator().manual_seed(5))
+    loss_p = flow_matching_loss(peft_model, tensors["edit"], tensors["ref"], tensors["text"], torch.Generator().manual_seed(5))
+    torch.testing.assert_close(loss_d, loss_p)
+    assert json.load(open(os.path.join(out, "longcat_ray.json")))["alpha"] == 8.0
+
+    # the pipeline's output changes with the LoRA
+    request = EditRequest(prompt="swap the red and blue colours", width=128, height=128, steps=2, guidance=4.5)
+    before = torch.tensor(list(edit_image(tiny_pipe, reference_image(tiny), request).getdata()), dtype=torch.float32)
+    original, tiny_pipe.transformer = tiny_pipe.transformer, trained
+    try:
+        after = torch.tensor(list(edit_image(tiny_pipe, reference_image(tiny), request).getdata()), dtype=torch.float32)
+    finally:
+        tiny_pipe.transformer = original
+    assert (before - after).abs().mean() > 1.0
+
+
+def test_zero3_export_equals_zero2(zero2, tiny, tmp_path):
+    config, _ = zero2
+    train(tiny_config(tiny, tmp_path, zero_stage=3), progress=False)
+    two, three = load_file(os.path.join(config.train.output_dir, LORA_FILE)), load_file(os.path.join(tmp_path, LORA_FILE))
+    assert two.keys() == three.keys()
+    for key in two:
+        torch.testing.assert_close(three[key], two[key], atol=1e-4, rtol=1e-3)
+
+
+def test_resume_continues_the_stream_and_the_weights(zero2, tiny, tmp_path):
+    config, _ = zero2
+    first = train(tiny_config(tiny, tmp_path, max_train_steps=STEPS // 2), progress=False)
+    assert first.steps == STEPS // 2
+    second = train(tiny_config(tiny, tmp_path), progress=False)  # same command, longer: resumes at step 12
+    assert second.steps == STEPS
+    for rank in (0, 1):
+        assert samples_log(tmp_path, rank) == samples_log(config.train.output_dir, rank)
+    resumed, straight = load_file(os.path.join(tmp_path, LORA_FILE)), load_file(os.path.join(config.train.output_dir, LORA_FILE))
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=1e-4)
+
+
+def training_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_killed_worker_is_replaced_and_the_run_finishes(tiny, tmp_path):
+    config = tiny_config(tiny, tmp_path, max_train_steps=40, checkpointing_steps=4, max_failures=2)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=train(config, progress=False)))
+    runner.start()
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        logged = os.path.exists(os.path.join(tmp_path, "logs", "samples-rank0.jsonl"))
+        if glob.glob(str(tmp_path / "run" / "checkpoint_*")) and logged and samples_log(tmp_path)[-1]["micro_step"] >= 6:
+            break
+        time.sleep(0.2)
+    victims = training_workers()
+    assert victims, "no training worker found to kill"
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    runner.join(timeout=900)
+    assert outcome["result"].steps == 40
+    steps = [line["micro_step"] for line in samples_log(tmp_path)]
+    assert len(steps) > len(set(steps))  # the steps after the last checkpoint were trained again
+    assert os.path.exists(os.path.join(tmp_path, LORA_FILE))
