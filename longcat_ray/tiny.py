@@ -247,7 +247,7 @@ def tiny_config(root: Path) -> tuple[dict, list[dict]]:
         "--seed": 42,
         "--train_batch_size": 2,
         "--gradient_checkpointing": "true",
-        "--learning_rate": "1e-3",
+        "--learning_rate": "1e-2",
         "--lora_rank": 4,
         "--lora_alpha": 4,
         "--max_train_steps": 30,
