@@ -17,7 +17,10 @@ echo "== 3. latent cache (Ray Data on encoder actors); the second run reuses eve
 $CLI cache --config "$DEMO/config/config.json"
 $CLI cache --config "$DEMO/config/config.json"
 
-echo "== 4. one edit with the tiny pipeline (the one inference path)"
+echo "== 4. LoRA training: Ray Train, 2 CPU workers, DeepSpeed ZeRO-2 on gloo (re-running resumes)"
+$CLI train --config "$DEMO/config/config.json"
+
+echo "== 5. one edit with the tiny pipeline (the one inference path)"
 $CLI edit --pretrained_model_name_or_path "$DEMO/model" --image "$DEMO/data/refs/pair_0001.png" \
   --prompt "swap the red and blue colours" --resolution 128x128 --steps 4 --output "$DEMO/edit.png"
 
