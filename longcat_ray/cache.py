@@ -91,7 +91,8 @@ def make_plan(config: Config) -> CachePlan:
         vae_dirs={d.id: d.cache_dir_vae for d in datasets},
         text_dir=config.data.text_cache_dir,
         options=options,
-        blank=config.train.caption_dropout_probability > 0,
+        # ("", reference) serves caption dropout and the negative prompt of in-training validation
+        blank=config.train.caption_dropout_probability > 0 or (config.validation.steps > 0 and config.validation.guidance > 1),
         batch_size=config.data.cache_batch_size,
     )
 

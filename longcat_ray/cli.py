@@ -92,6 +92,86 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from longcat_ray.inference import EditRequest, LoraError, load_editor
+    from longcat_ray.validation import validate_pairs
+
+    if args.model_family != "longcat_image" or args.model_flavour != "edit":
+        print(f"validate: model_family/model_flavour {args.model_family}/{args.model_flavour} is not supported; "
+              "use --model_family longcat_image --model_flavour edit", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    config = load_or_report(args.config) if args.config else None
+    if args.config and config is None:
+        return EXIT_BAD_INPUT
+    model = args.pretrained_model_name_or_path or (config.model.pretrained_model_name_or_path if config else None)
+    if not model or (not config and not (args.image and args.prompt)):
+        print("validate: give --config PATH, or --pretrained_model_name_or_path with --image and --prompt", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        resolutions = parse_resolution_arg(args.validation_resolution)
+        loras = args.lora if args.lora is not None else default_loras(config)
+        editor = load_editor(model, device=args.device, loras=loras, offload=args.offload)
+    except (ValueError, LoraError) as err:
+        print(f"validate: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if config:
+        config.validation.resolution = resolutions
+        config.validation.guidance = args.validation_guidance
+        config.validation.num_inference_steps = args.validation_num_inference_steps
+        config.validation.seed = args.seed
+        out = args.output or f"{config.train.output_dir.rstrip('/')}/validation/cli"
+        for path in validate_pairs(config, editor, out, count=config.validation.num_pairs):
+            print(f"wrote {path}")
+        return 0
+    from PIL import Image
+
+    width, height = resolutions[0]
+    request = EditRequest(prompt=args.prompt, width=width, height=height, steps=args.validation_num_inference_steps,
+                          guidance=args.validation_guidance, seed=args.seed, negative_prompt=args.negative_prompt)
+    image = editor.edit(Image.open(args.image), request, preview=preview_writer(editor, args, request))
+    image.save(args.output or "validation.png")
+    print(f"wrote {args.output or 'validation.png'} ({image.width}x{image.height})")
+    return 0
+
+
+def parse_resolution_arg(value: str) -> list[tuple[int, int]]:
+    from longcat_ray.config import SIZE_GRID, nearest_on_grid, parse_resolutions
+
+    sizes = parse_resolutions(value)
+    for width, height in sizes:
+        if width % SIZE_GRID or height % SIZE_GRID:
+            near = f"{nearest_on_grid(width, SIZE_GRID)}x{nearest_on_grid(height, SIZE_GRID)}"
+            raise ValueError(f"--validation_resolution {width}x{height} is off the {SIZE_GRID}-px grid; nearest valid: {near}")
+    return sizes
+
+
+def default_loras(config) -> list[str]:
+    """With --config and no --lora: the LoRA training exported to output_dir, if there is one."""
+    import os
+
+    from longcat_ray.export import LORA_FILE
+
+    if config and os.path.exists(os.path.join(config.train.output_dir, LORA_FILE)):
+        return [config.train.output_dir]
+    return []
+
+
+def preview_writer(editor, args: argparse.Namespace, request):
+    """--preview_every K: decode the intermediate latents every K steps to OUTPUT.stepN.png (quarter size)."""
+    if not args.preview_every:
+        return None
+    from longcat_ray.inference import decode_image
+
+    stem = (args.output or "validation.png").removesuffix(".png")
+
+    def preview(step: int, latents) -> None:
+        if (step + 1) % args.preview_every == 0:
+            image = decode_image(editor.pipe.vae, latents, request.width, request.height)
+            image.resize((max(1, image.width // 4), max(1, image.height // 4))).save(f"{stem}.step{step + 1}.png")
+
+    return preview
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from longcat_ray.inference import EditRequest, load_editor
 
@@ -158,6 +238,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="path to config.json")
     train.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 2 on CPU)")
     train.set_defaults(func=cmd_train)
+
+    validate = sub.add_parser(
+        "validate",
+        help="edit validation images with a base model and LoRAs (SimpleTuner's validate flags)",
+        description="Either one edit (--pretrained_model_name_or_path, --image, --prompt, --output) or, with --config, a "
+        "grid (reference | target | result) for each validation pair of the configured datasets. LoRAs load from "
+        "safetensors only; with --config and no --lora the LoRA in output_dir is used.",
+    )
+    validate.add_argument("--config", help="config.json: validate its datasets' pairs")
+    validate.add_argument("--model_family", default="longcat_image")
+    validate.add_argument("--model_flavour", default="edit")
+    validate.add_argument("--pretrained_model_name_or_path", help="pipeline folder or hub id")
+    validate.add_argument("--lora", action="append", help="LoRA dir or .safetensors, optionally PATH:SCALE (repeatable)")
+    validate.add_argument("--image", help="reference image to edit")
+    validate.add_argument("--prompt", help="the edit instruction")
+    validate.add_argument("--negative_prompt", default="")
+    validate.add_argument("--validation_resolution", default="768x768", help="WIDTHxHEIGHT (16-px grid)")
+    validate.add_argument("--validation_guidance", type=float, default=4.5)
+    validate.add_argument("--validation_num_inference_steps", type=int, default=40)
+    validate.add_argument("--seed", type=int, default=42)
+    validate.add_argument("--output", help="PNG file (single edit) or folder (--config)")
+    validate.add_argument("--preview_every", type=int, default=0, help="write a small decoded preview every K steps")
+    validate.add_argument("--offload", default="none", choices=["none", "model", "group"],
+                          help="GPU memory levers: components (model) or blocks (group) wait on the CPU")
+    validate.add_argument("--device", default=None)
+    validate.set_defaults(func=cmd_validate)
 
     edit = sub.add_parser(
         "edit",

@@ -132,6 +132,9 @@ class ValidationConfig(Section):
     """`validation_steps`: validate every N training steps (0: never during training)."""
     seed: int = 42
     negative_prompt: str = ""
+    """The negative prompt, encoded with the same reference (in-training validation uses the cached "")."""
+    num_pairs: int = Field(4, ge=1)
+    """`validation_num_pairs`: how many pairs (first by id) validation edits."""
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -240,6 +243,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "validation_steps": ("validation", "steps"),
     "validation_seed": ("validation", "seed"),
     "validation_negative_prompt": ("validation", "negative_prompt"),
+    "validation_num_pairs": ("validation", "num_pairs"),
     **{k: ("data", k) for k in (
         "data_backend_config", "aspect_bucket_alignment", "minimum_image_size", "skip_bad_pairs", "cache_batch_size",
         "cache_workers",

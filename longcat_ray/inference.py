@@ -88,20 +88,25 @@ def initial_noise(request: EditRequest, device: torch.device, dtype: torch.dtype
 
 
 @torch.no_grad()
-def edit_image(
-    pipe,
-    reference: Image.Image,
+def denoise(
+    transformer,
+    ref_latents: torch.Tensor,
+    embeds: torch.Tensor,
+    negative: torch.Tensor | None,
     request: EditRequest,
     preview: Callable[[int, torch.Tensor], None] | None = None,
-) -> Image.Image:
-    """Edit `reference` by `request`; `preview(step, packed latents)` is called after each step if given."""
-    transformer = pipe.transformer
-    ref_latents, embeds, negative = encode_condition(pipe, reference, request)
-    latents = initial_noise(request, ref_latents.device, ref_latents.dtype)
+) -> torch.Tensor:
+    """The sampling loop: packed reference [1, n, 64] + prompt (and negative) embeddings -> packed latents.
+
+    Training's validation calls this with cached conditioning; `edit_image` with freshly encoded conditioning.
+    """
+    dtype = ref_latents.dtype
+    latents = initial_noise(request, ref_latents.device, dtype)
     rows, cols = request.height // PIXELS_PER_TOKEN, request.width // PIXELS_PER_TOKEN
     txt_ids, img_ids = flow.edit_position_ids(embeds.shape[1], rows, cols)
     sigmas = flow.inference_sigmas(request.steps, flow.shift_mu(rows * cols))
-    embeds, negative = embeds.to(transformer.dtype), negative.to(transformer.dtype) if negative is not None else None
+    embeds = embeds.to(dtype)
+    negative = negative.to(dtype) if negative is not None else None
     for step in range(request.steps):
         sigma = sigmas[step : step + 1]
         velocity = flow.predict_velocity(transformer, latents, ref_latents, embeds, txt_ids, img_ids, sigma)
@@ -111,8 +116,86 @@ def edit_image(
         latents = flow.euler_step(latents, velocity, float(sigmas[step]), float(sigmas[step + 1]))
         if preview is not None:
             preview(step, latents)
-    pixels = decode_latents(pipe.vae, unpack_latents(latents, request.height, request.width))
-    return tensor_to_images(pixels)[0]
+    return latents
+
+
+def decode_image(vae, latents: torch.Tensor, width: int, height: int) -> Image.Image:
+    """Packed latents of a width x height image -> the image."""
+    return tensor_to_images(decode_latents(vae, unpack_latents(latents, height, width)))[0]
+
+
+@torch.no_grad()
+def edit_image(
+    pipe,
+    reference: Image.Image,
+    request: EditRequest,
+    preview: Callable[[int, torch.Tensor], None] | None = None,
+) -> Image.Image:
+    """Edit `reference` by `request`; `preview(step, packed latents)` is called after each step if given."""
+    ref_latents, embeds, negative = encode_condition(pipe, reference, request)
+    latents = denoise(pipe.transformer, ref_latents, embeds, negative, request, preview)
+    return decode_image(pipe.vae, latents, request.width, request.height)
+
+
+class LoraError(ValueError):
+    """A LoRA file that does not fit the loaded transformer; the message names the keys."""
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`path` or `path:scale` (a Windows-style `C:` prefix is not a scale)."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def lora_file(path: str) -> str:
+    """A LoRA directory (exported by longcat-ray) or a .safetensors file -> the file."""
+    import os
+
+    from longcat_ray.export import LORA_FILE
+
+    file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+    if not file.endswith(".safetensors"):
+        raise LoraError(f"{path}: LoRA weights load from .safetensors only (never pickle): expected {LORA_FILE}")
+    if not os.path.exists(file):
+        raise LoraError(f"{file}: no such LoRA file")
+    return file
+
+
+def check_lora(transformer, file: str) -> None:
+    """Every key must name a module of this transformer with matching shapes: another base model or a
+    config mismatch is reported key by key instead of a bare size-mismatch traceback."""
+    from safetensors import safe_open
+
+    modules = dict(transformer.named_modules())
+    problems = []
+    with safe_open(file, "pt") as handle:
+        for key in handle.keys():
+            name = key.removeprefix("transformer.")
+            module_name, _, kind = name.rpartition(".lora_")
+            shape = handle.get_slice(key).get_shape()
+            module = modules.get(module_name)
+            base = getattr(module, "base_layer", module)
+            if not isinstance(base, torch.nn.Linear):
+                problems.append(f"{key}: no linear layer '{module_name}' in this transformer")
+            elif kind.startswith("A") and shape[1] != base.in_features:
+                problems.append(f"{key}: shape {shape} does not fit in_features {base.in_features} of '{module_name}'")
+            elif kind.startswith("B") and shape[0] != base.out_features:
+                problems.append(f"{key}: shape {shape} does not fit out_features {base.out_features} of '{module_name}'")
+    if problems:
+        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise LoraError(f"{file} does not fit this base model ({len(problems)} key(s)):\n  {listed}")
+
+
+def load_lora(transformer, path: str, name: str) -> None:
+    """Load an exported LoRA (diffusers keys + adapter metadata) under adapter `name`."""
+    import os
+
+    file = lora_file(path)
+    check_lora(transformer, file)
+    transformer.load_lora_adapter(os.path.dirname(file) or ".", weight_name=os.path.basename(file), prefix="transformer", adapter_name=name)
 
 
 class Editor:
@@ -120,10 +203,49 @@ class Editor:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.loras: dict[str, str] = {}
+
+    def add_lora(self, path: str, name: str | None = None) -> str:
+        name = name or f"lora{len(self.loras)}"
+        load_lora(self.pipe.transformer, path, name)
+        self.loras[name] = path
+        return name
+
+    def use_loras(self, scales: dict[str, float]) -> None:
+        """Activate exactly these adapters with these scales (none: the base model)."""
+        transformer = self.pipe.transformer
+        if not self.loras:
+            return
+        if scales:
+            transformer.enable_adapters()
+            transformer.set_adapters(list(scales), weights=list(scales.values()))
+        else:
+            transformer.disable_adapters()
 
     def edit(self, reference: Image.Image, request: EditRequest, preview=None) -> Image.Image:
         return edit_image(self.pipe, reference, request, preview)
 
 
-def load_editor(name_or_path: str, device: str | None = None) -> Editor:
-    return Editor(load_pipeline(name_or_path, device=device))
+def load_editor(name_or_path: str, device: str | None = None, loras: list[str] = (), offload: str = "none") -> Editor:
+    """Pipeline + LoRAs (`path[:scale]`, all active). offload: none | model | group (GPU memory levers)."""
+    editor = Editor(load_pipeline(name_or_path, device=device if offload == "none" else "cpu"))
+    scales = {}
+    for spec in loras:
+        path, scale = parse_lora(spec)
+        scales[editor.add_lora(path)] = scale
+    editor.use_loras(scales)
+    apply_offload(editor.pipe, offload)
+    return editor
+
+
+def apply_offload(pipe, offload: str) -> None:
+    """diffusers' memory levers: whole components (model) or groups of blocks (group) live on the CPU and
+    move to the GPU as they run. Only meaningful with a GPU."""
+    if offload == "none" or not torch.cuda.is_available():
+        return
+    if offload == "model":
+        pipe.enable_model_cpu_offload()
+    elif offload == "group":
+        pipe.enable_group_offload(torch.device("cuda"), offload_type="block_level", num_blocks_per_group=1)
+    else:
+        raise ValueError(f"offload must be none, model or group, got {offload!r}")

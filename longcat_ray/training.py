@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from longcat_ray.config import Config
+from longcat_ray.reader import kind_options_key as kind_key
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
 
 LORA_DIR = "lora"
@@ -206,6 +207,8 @@ class TrainingLoop:
         metrics = self.metrics()
         if self.rank == 0 and (self.state.step % LOG_EVERY == 0 or self.state.step == 1):
             self.log(metrics)
+        if self.config.validation.steps and self.state.step % self.config.validation.steps == 0:
+            self.validate()
         if self.state.step % self.config.train.checkpointing_steps == 0:
             self.checkpoint(metrics)
 
@@ -219,6 +222,32 @@ class TrainingLoop:
             "samples_per_s": sum(w[1] for w in window) * self.world / seconds,
             "step_time_s": seconds / max(1, len(window) / self.config.train.gradient_accumulation_steps),
         }
+
+    def validate(self) -> None:
+        """Every rank samples (ZeRO-3 needs all of them in each forward); rank 0 writes the grid."""
+        import numpy as np
+
+        from longcat_ray.cache import load_entry
+        from longcat_ray.validation import save_png, validate_cached
+
+        if not hasattr(self, "vae"):
+            from diffusers import AutoencoderKL
+
+            model = self.config.model
+            self.vae = AutoencoderKL.from_pretrained(model.pretrained_model_name_or_path, subfolder="vae",
+                                                     revision=model.revision, torch_dtype=self.dtype).to(self.device).eval()
+        chosen = sorted(self.manifest, key=lambda m: m["sample_id"])[: self.config.validation.num_pairs]
+        samples = [{k: next(iter(load_entry(u, self.options[kind_key(k, m)]).values())) for k, u in m["entries"].items()}
+                   for m in chosen]
+        module = self.engine.module
+        module.eval()
+        grid = validate_cached(module, self.vae, samples, self.config)
+        module.train()
+        if self.rank == 0:
+            url = join(self.config.train.output_dir, "validation", f"step_{self.state.step:06d}.png")
+            save_png(grid, url)
+            self.writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
+            print(f"validation grid: {url}", flush=True)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """Collective: every rank saves its shard and reports it; rank 0 adds the exported LoRA."""

@@ -32,6 +32,9 @@ def tiny_config(tiny, out, **train):
     config.train.checkpointing_steps = 8
     config.train.learning_rate = 1e-2
     config.lora.alpha = 8.0  # scale 2: exports must carry alpha, not assume alpha == rank
+    config.validation.steps = 12
+    config.validation.num_inference_steps = 2
+    config.validation.num_pairs = 2
     for key, value in train.items():
         setattr(config.train, key, value)
     return config
@@ -95,6 +98,9 @@ def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(zero2, tiny_pipe, t
     loss_p = flow_matching_loss(peft_model, tensors["edit"], tensors["ref"], tensors["text"], torch.Generator().manual_seed(5))
     torch.testing.assert_close(loss_d, loss_p)
     assert json.load(open(os.path.join(out, "longcat_ray.json")))["alpha"] == 8.0
+    # in-training validation grids: 2 pairs x (reference | target | result)
+    grids = sorted(glob.glob(os.path.join(out, "validation", "step_*.png")))
+    assert [os.path.basename(g) for g in grids] == ["step_000012.png", "step_000024.png"]
 
     # the pipeline's output changes with the LoRA
     request = EditRequest(prompt="swap the red and blue colours", width=128, height=128, steps=2, guidance=4.5)
