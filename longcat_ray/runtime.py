@@ -20,7 +20,7 @@ def init_ray(address: str | None = None, quiet: bool = True) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # A local Ray gets at least 4 logical CPUs: on a 2-core box two CPU training workers would otherwise
     # leave none for the Ray Data tasks that feed them.
-    local = {} if address else {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 4)}
+    local = {} if address else {"num_cpus": max(os.cpu_count() or 1, 4)}
     ray.init(address=address, runtime_env={"env_vars": dict(PROCESS_ENV)}, **local)
     if quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
