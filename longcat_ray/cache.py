@@ -51,8 +51,6 @@ class CachePlan:
     vae_fp: str
     text_fp: str
     batch_size: int = 8
-    persist: bool = True
-    """False: the streaming mode, where encoded pairs feed training without being written."""
 
 
 @dataclass(kw_only=True)
@@ -237,7 +235,7 @@ def missing_kinds(row: dict[str, Any], plan: CachePlan) -> tuple[list[str], int]
     """-> (entry kinds to (re-)encode, bytes of the valid ones)."""
     urls, missing, valid = json.loads(row["urls"]), [], 0
     for kind, url in urls.items():
-        size = valid_entry_size(url, entry_options(kind, row, plan)) if plan.persist else None
+        size = valid_entry_size(url, entry_options(kind, row, plan))
         missing += [kind] if size is None else []
         valid += size or 0
     return missing, valid
@@ -414,7 +412,7 @@ def check_entries(pairs: list[dict[str, Any]], plan: CachePlan) -> list[dict[str
 
 def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | None = None, factory=None):
     """Stages 1-3 over the rows that miss entries: CPU tasks prepare, encoder actors (one GPU each) encode,
-    CPU tasks write (streaming mode: the encoded rows themselves, nothing written)."""
+    CPU tasks write."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -429,7 +427,7 @@ def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | N
         num_cpus=1 if gpus else 0.5,
         batch_size=plan.batch_size,
     )
-    return encoded.map_batches(write_batch, **cpu_stage(plan)) if plan.persist else encoded
+    return encoded.map_batches(write_batch, **cpu_stage(plan))
 
 
 def write_manifest(url: str, options: dict[str, Any], pairs: list[dict[str, Any]], urls: dict[str, dict[str, str]]) -> None:
@@ -468,5 +466,5 @@ def build_cache(config: Config, workers: int | None = None, progress: bool = Tru
             summary.cache_bytes += int(sum(batch["cache_bytes"]))
             bar.update(len(batch["sample_id"]))
     summary.seconds = time.time() - start
-    write_manifest(summary.manifest, plan.options["text"], pairs, {r["sample_id"]: entry_urls(r, plan) for r in pairs})
+    write_manifest(summary.manifest, plan.options["text"], pairs, {r["sample_id"]: json.loads(r["urls"]) for r in checked})
     return summary

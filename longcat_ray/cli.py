@@ -51,6 +51,12 @@ def load_or_report(path: str):
     return config
 
 
+def report_dataset_error(err) -> int:
+    """The dataset report of `cache` and `train`, and the way out."""
+    print(f"dataset report: {err}\nFix the files above, or set \"skip_bad_pairs\": true to leave these pairs out.", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from longcat_ray.cache import build_cache
     from longcat_ray.pairs import DatasetError
@@ -63,8 +69,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     try:
         summary = build_cache(config, workers=args.workers)
     except DatasetError as err:
-        print(f"dataset report: {err}\nFix the files above, or set \"skip_bad_pairs\": true to leave these pairs out.", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_dataset_error(err)
     for skipped in summary.skipped:
         print(f"skipped: {skipped}", file=sys.stderr)
     print(summary)
@@ -85,8 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(config)
     except DatasetError as err:
-        print(f"dataset report: {err}\nFix the files above, or set \"skip_bad_pairs\": true.", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_dataset_error(err)
     print(f"trained {result.steps} steps; LoRA: {result.output_dir}/pytorch_lora_weights.safetensors "
           f"(PEFT: {result.output_dir}/adapter); last checkpoint: {result.checkpoint}")
     return 0
@@ -188,6 +192,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_and_workers(parser: argparse.ArgumentParser, workers_help: str) -> None:
+    parser.add_argument("--config", required=True, help="path to config.json")
+    parser.add_argument("--workers", type=int, default=None, help=workers_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longcat-ray",
@@ -223,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "encode VAE latents of both images and the VL prompt embedding of (instruction, reference) for what is "
         "new or changed, on one encoder actor per GPU. Connects to RAY_ADDRESS when set, else starts a local Ray.",
     )
-    cache.add_argument("--config", required=True, help="path to config.json")
-    cache.add_argument("--workers", type=int, default=None, help="encoder actors (default: one per GPU, 1 on CPU)")
+    add_config_and_workers(cache, "encoder actors (default: one per GPU, 1 on CPU)")
     cache.set_defaults(func=cmd_cache)
 
     train = sub.add_parser(
@@ -235,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from the last checkpoint when a worker dies. Re-running the same command resumes "
         "(resume_from_checkpoint: latest). The LoRA lands in output_dir/pytorch_lora_weights.safetensors.",
     )
-    train.add_argument("--config", required=True, help="path to config.json")
-    train.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 2 on CPU)")
+    add_config_and_workers(train, "training workers (default: every GPU, or 2 on CPU)")
     train.set_defaults(func=cmd_train)
 
     validate = sub.add_parser(
