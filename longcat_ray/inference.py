@@ -1,7 +1,7 @@
 """The one inference path: (components, reference, instruction, size, steps, guidance, seed) -> image.
 
 Same math as diffusers' LongCatImageEditPipeline, but at an explicit width x height (the pipeline forces
-~1 MP) and built from the functions training uses. Validation and Serve both call `edit_image`.
+~1 MP) and built from the functions training uses. Validation calls `edit_image`; Serve batches requests through `edit_images`.
 """
 
 from __future__ import annotations
@@ -67,16 +67,27 @@ def load_pipeline(name_or_path: str, device: str | torch.device | None = None, d
     return pipe.to(device)
 
 
-def encode_condition(pipe, reference: Image.Image, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """-> (packed reference latents [1, n, 64], prompt embeds [1, L, d], negative embeds or None)."""
-    sized = resize_image(reference.convert("RGB"), request.width, request.height)
-    vl = vl_image(sized, request.width, request.height)
-    embeds = encode_prompts(*pipeline_prompt_encoder(pipe), [request.prompt], [vl])
+def batch_key(request: EditRequest) -> tuple:
+    """Requests with equal keys can share one batched denoising loop (same token grid, steps and CFG on/off)."""
+    return request.width, request.height, request.steps, request.guidance > 1
+
+
+def encode_condition(
+    pipe, references: list[Image.Image], requests: list[EditRequest]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> (packed reference latents [b, n, 64], prompt embeds [b, L, d], negative embeds [b, L, d] or None).
+
+    All requests share one batch_key (so one L and one n)."""
+    width, height = requests[0].width, requests[0].height
+    sized = [resize_image(ref.convert("RGB"), width, height) for ref in references]
+    vls = [vl_image(image, width, height) for image in sized]
+    encoder = pipeline_prompt_encoder(pipe)
+    embeds = encode_prompts(*encoder, [r.prompt for r in requests], vls)
     negative = None
-    if request.guidance > 1:
+    if requests[0].guidance > 1:
         # The negative prompt is encoded with the same reference image, as the pipeline does.
-        negative = encode_prompts(*pipeline_prompt_encoder(pipe), [request.negative_prompt], [vl])
-    latents = pack_latents(encode_latents(pipe.vae, image_to_tensor([sized])))
+        negative = encode_prompts(*encoder, [r.negative_prompt for r in requests], vls)
+    latents = pack_latents(encode_latents(pipe.vae, image_to_tensor(sized)))
     return latents.to(pipe.transformer.dtype), embeds, negative
 
 
@@ -87,32 +98,37 @@ def initial_noise(request: EditRequest, device: torch.device, dtype: torch.dtype
     return pack_latents(randn_tensor(shape, generator=generator, device=device, dtype=dtype))
 
 
+def guide_rows(cond: torch.Tensor, uncond: torch.Tensor, requests: list[EditRequest]) -> torch.Tensor:
+    """CFG per batch row with each request's own scale (a Python float, as the pipeline multiplies)."""
+    return torch.cat([flow.guide(cond[i : i + 1], uncond[i : i + 1], r.guidance) for i, r in enumerate(requests)])
+
+
 @torch.no_grad()
 def denoise(
     transformer,
     ref_latents: torch.Tensor,
     embeds: torch.Tensor,
     negative: torch.Tensor | None,
-    request: EditRequest,
+    requests: list[EditRequest],
     preview: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """The sampling loop: packed reference [1, n, 64] + prompt (and negative) embeddings -> packed latents.
-
-    Training's validation calls this with cached conditioning; `edit_image` with freshly encoded conditioning.
-    """
+    """The sampling loop: packed references [b, n, 64] + prompt (and negative) embeddings [b, L, d] -> packed
+    latents [b, n, 64]. Each row starts from its own request's seeded noise, so a request gives the same image
+    alone or batched. Training's validation calls this with cached conditioning; `edit_images` with fresh."""
     dtype = ref_latents.dtype
-    latents = initial_noise(request, ref_latents.device, dtype)
-    rows, cols = request.height // PIXELS_PER_TOKEN, request.width // PIXELS_PER_TOKEN
+    latents = torch.cat([initial_noise(r, ref_latents.device, dtype) for r in requests])
+    first = requests[0]
+    rows, cols = first.height // PIXELS_PER_TOKEN, first.width // PIXELS_PER_TOKEN
     txt_ids, img_ids = flow.edit_position_ids(embeds.shape[1], rows, cols)
-    sigmas = flow.inference_sigmas(request.steps, flow.shift_mu(rows * cols))
+    sigmas = flow.inference_sigmas(first.steps, flow.shift_mu(rows * cols))
     embeds = embeds.to(dtype)
     negative = negative.to(dtype) if negative is not None else None
-    for step in range(request.steps):
-        sigma = sigmas[step : step + 1]
+    for step in range(first.steps):
+        sigma = sigmas[step : step + 1].expand(len(requests))
         velocity = flow.predict_velocity(transformer, latents, ref_latents, embeds, txt_ids, img_ids, sigma)
         if negative is not None:
             uncond = flow.predict_velocity(transformer, latents, ref_latents, negative, txt_ids, img_ids, sigma)
-            velocity = flow.guide(velocity, uncond, request.guidance)
+            velocity = guide_rows(velocity, uncond, requests)
         latents = flow.euler_step(latents, velocity, float(sigmas[step]), float(sigmas[step + 1]))
         if preview is not None:
             preview(step, latents)
@@ -121,7 +137,22 @@ def denoise(
 
 def decode_image(vae, latents: torch.Tensor, width: int, height: int) -> Image.Image:
     """Packed latents of a width x height image -> the image."""
-    return tensor_to_images(decode_latents(vae, unpack_latents(latents, height, width)))[0]
+    return decode_images(vae, latents, width, height)[0]
+
+
+def decode_images(vae, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+    """Packed latents [b, n, 64] of width x height images -> the images."""
+    return tensor_to_images(decode_latents(vae, unpack_latents(latents, height, width)))
+
+
+@torch.no_grad()
+def edit_images(pipe, references: list[Image.Image], requests: list[EditRequest]) -> list[Image.Image]:
+    """Edit each reference by its request, in one batch; the requests must share one `batch_key`."""
+    if len({batch_key(r) for r in requests}) != 1:
+        raise ValueError(f"one batch needs one size, step count and CFG on/off; got {sorted({batch_key(r) for r in requests})}")
+    ref_latents, embeds, negative = encode_condition(pipe, references, requests)
+    latents = denoise(pipe.transformer, ref_latents, embeds, negative, requests)
+    return decode_images(pipe.vae, latents, requests[0].width, requests[0].height)
 
 
 @torch.no_grad()
@@ -132,8 +163,8 @@ def edit_image(
     preview: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Image.Image:
     """Edit `reference` by `request`; `preview(step, packed latents)` is called after each step if given."""
-    ref_latents, embeds, negative = encode_condition(pipe, reference, request)
-    latents = denoise(pipe.transformer, ref_latents, embeds, negative, request, preview)
+    ref_latents, embeds, negative = encode_condition(pipe, [reference], [request])
+    latents = denoise(pipe.transformer, ref_latents, embeds, negative, [request], preview)
     return decode_image(pipe.vae, latents, request.width, request.height)
 
 

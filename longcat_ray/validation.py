@@ -104,7 +104,7 @@ def validate_cached(transformer, vae, samples: list[dict[str, torch.Tensor]], co
         device, dtype = vae.device, next(transformer.parameters()).dtype
         ref = pack_latents(sample["ref"][None].to(device, dtype))
         negative = sample["blank"][None].to(device) if val.guidance > 1 and "blank" in sample else None
-        latents = denoise(transformer, ref, sample["text"][None].to(device), negative, request)
+        latents = denoise(transformer, ref, sample["text"][None].to(device), negative, [request])
         decoded = tensor_to_images(decode_latents(vae, torch.stack([sample["ref"], sample["edit"]]).to(device, vae.dtype)))
         rows.append([*decoded, decode_image(vae, latents.to(vae.dtype), width, height)])
     return make_grid(rows)

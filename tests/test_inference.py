@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 
-from longcat_ray.inference import EditRequest, edit_image
+from longcat_ray.inference import EditRequest, edit_image, edit_images
 from tests.conftest import reference_image
 
 
@@ -39,3 +39,17 @@ def test_size_off_grid_names_nearest(field, value, message):
     kwargs = {"prompt": "x", "width": 128, "height": 128, field: value}
     with pytest.raises(ValueError, match=message):
         EditRequest(**kwargs)
+
+
+def test_batched_edits_equal_single_edits(tiny, tiny_pipe):
+    """Serve batches requests that share a size: each row must come out as it would alone."""
+    references = [reference_image(tiny, 1), reference_image(tiny, 3)]
+    requests = [EditRequest(prompt="swap the colours", width=64, height=96, steps=2, guidance=4.5, seed=1),
+                EditRequest(prompt="make it blue", width=64, height=96, steps=2, guidance=2.0, seed=2, negative_prompt="red")]
+    batched = edit_images(tiny_pipe, references, requests)
+    for reference, request, image in zip(references, requests, batched):
+        single = np.asarray(edit_image(tiny_pipe, reference, request), np.float32)
+        assert np.abs(np.asarray(image, np.float32) - single).max() <= 1.0
+    assert np.abs(np.asarray(batched[0], np.float32) - np.asarray(batched[1], np.float32)).max() > 10
+    with pytest.raises(ValueError, match="one batch needs one size"):
+        edit_images(tiny_pipe, references, [requests[0], EditRequest(prompt="x", width=64, height=64, steps=2)])
