@@ -10,6 +10,10 @@ DEMO   ?= /tmp/longcat-ray-demo
 # need torchvision, and PyPI's torchvision does not import beside the CPU-only torch file).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
+# Debian's Chromium drives the web page in the Serve tests (a test tool never downloads its own browser).
+CHROMIUM := /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: install demo test test-fast clean
 
 install: $(STAMP)
@@ -26,10 +30,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	PY=$(PY) DEMO=$(DEMO) bash scripts/demo.sh
 
-test: $(STAMP)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -192,6 +192,42 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_on_signal(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from pydantic import ValidationError
+    from ray import serve
+
+    from longcat_ray.serving.app import run_local
+    from longcat_ray.serving.config import ServeConfig
+
+    fields = {"model": args.model, "lora_root": args.lora_root, "num_gpus": args.num_gpus, "max_replicas": args.max_replicas,
+              "max_batch_size": args.max_batch_size}
+    try:
+        config = ServeConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as err:
+        print(f"serve: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    config.api_token = config.token()  # read here, where the user's environment is
+    url = run_local(config, args.host, args.port)
+    print(f"serving {config.model} at {url}/ (page), {url}/docs (API), {url}/v1/edit; "
+          f"adapters from {config.lora_root or '(none)'}; auth: {'bearer token' if config.api_token else 'off'}", flush=True)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        serve.shutdown()
+    return 0
+
+
 def add_config_and_workers(parser: argparse.ArgumentParser, workers_help: str) -> None:
     parser.add_argument("--config", required=True, help="path to config.json")
     parser.add_argument("--workers", type=int, default=None, help=workers_help)
@@ -287,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     edit.set_defaults(func=cmd_edit)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the editing endpoint and web page (Ray Serve), LoRAs chosen per request",
+        description="Deploy the Ray Serve app on RAY_ADDRESS's cluster or a local Ray and keep it up until Ctrl-C: "
+        "GET / (page), POST /v1/edit (multipart: image, prompt, ... -> PNG), GET /v1/loras, GET /healthz, /docs. "
+        "Adapters are named by id: <lora-root>/<id>/pytorch_lora_weights.safetensors (a training output_dir) or "
+        "<lora-root>/<id>.safetensors. Set LONGCAT_RAY_API_TOKEN to require a bearer token. On a cluster, "
+        "`serve deploy serve/config.yaml` does the same with every option.",
+    )
+    srv.add_argument("--model", "--pretrained_model_name_or_path", dest="model", required=True,
+                     help="pipeline folder or hub id")
+    srv.add_argument("--lora-root", help="folder or s3:// prefix holding adapters")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    srv.add_argument("--num-gpus", type=float, help="GPUs per model replica (default: 1 if a GPU is visible, else 0)")
+    srv.add_argument("--max-replicas", type=int, help="autoscaling ceiling for model replicas (default 1)")
+    srv.add_argument("--max-batch-size", type=int, help="requests per denoising batch (default 4)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

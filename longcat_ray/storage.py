@@ -35,10 +35,14 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    if "file" in protocols:
+    if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols

@@ -65,3 +65,31 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny, tmp_path_factory) -> Path:
+    """An adapter root: two random LoRAs exported as training exports them (style0/ as an output_dir,
+    style1.safetensors as a bare file), one that does not fit the model, and non-safetensors files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from longcat_ray.config import LoraConfig, ModelConfig
+    from longcat_ray.export import LORA_FILE, export_lora
+    from longcat_ray.model.transformer import add_lora, load_transformer
+
+    root = tmp_path_factory.mktemp("loras")
+    for index in range(2):
+        transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=str(tiny.model)), torch.float32, torch.device("cpu"))
+        add_lora(transformer, LoraConfig(rank=4), seed=index)
+        with torch.no_grad():
+            for name, param in transformer.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)  # a freshly initialised LoRA is the identity; these must change the output
+        export_lora(transformer, str(root / f"style{index}"), {}, {"base_model": str(tiny.model)})
+    (root / "style0.safetensors").unlink(missing_ok=True)
+    (root / "style1" / LORA_FILE).rename(root / "style1.safetensors")
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 999)}, root / "misfit.safetensors")
+    (root / "pickled.bin").write_bytes(b"\x80\x04not really a pickle")
+    (root / "pickled.pt").write_bytes(b"\x80\x04not really a pickle")
+    return root

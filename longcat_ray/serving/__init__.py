@@ -1,0 +1,1 @@
+"""Ray Serve: an HTTP editing endpoint and a web page over the one inference path, LoRAs chosen per request."""

@@ -1,0 +1,279 @@
+"""The Ray Serve application: a FastAPI ingress and a model deployment running the one inference path.
+
+    HTTP ──► Ingress (FastAPI: auth, limits, form checks; CPU)
+                 │ handle.options(multiplexed_model_id=<lora id>)
+                 ▼
+             EditModel (1 GPU per replica, CPU without GPUs; autoscaled)
+                 @serve.multiplexed: LoRAs loaded per replica, least recently used unloaded
+                 @serve.batch: requests of one size/steps/CFG/LoRA share one denoising batch
+
+Bad input is answered by the ingress with a 4xx naming the field and never reaches the model.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
+import asyncio
+import hashlib
+import io
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from itertools import groupby
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from ray import serve
+
+from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline
+from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
+from longcat_ray.serving.config import ServeConfig
+from longcat_ray.serving.uploads import RequestError, build_request, check_range, decode_upload
+
+APP_NAME = "longcat-ray"
+
+
+@dataclass
+class EditJob:
+    """One request as the model replica receives it (already checked by the ingress)."""
+
+    image: Image.Image
+    request: EditRequest
+    lora: str | None = None
+    lora_url: str | None = None
+    lora_scale: float = 1.0
+
+    def group(self) -> tuple:
+        return (self.lora or "", self.lora_scale, *batch_key(self.request))
+
+
+@dataclass
+class EditResult:
+    png: bytes
+    batch_size: int
+
+
+class LoadedAdapter:
+    """What @serve.multiplexed caches; Serve calls __del__ when it evicts it (least recently used)."""
+
+    def __init__(self, model: "EditModel", name: str):
+        self.model, self.name, self.unloaded = model, name, False
+
+    def __del__(self) -> None:
+        # Queued behind running edits on the model's one thread, so no edit loses its adapter midway.
+        if not self.unloaded:
+            self.unloaded = True
+            self.model.submit(self.model.unload_adapter, self.name)
+
+
+class EditModel:
+    """The pipeline on one device; every model call runs on one worker thread, in order."""
+
+    def __init__(self, config: ServeConfig):
+        import torch
+
+        self.config = config
+        device = "cuda" if config.gpus() > 0 and torch.cuda.is_available() else "cpu"
+        self.editor = Editor(load_pipeline(config.model, device=device))
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="longcat-model")
+        self.fatal: str | None = None
+
+        async def load(url: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
+            return await self._load(url)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras_per_replica)(load)
+        self.run_batch.set_max_batch_size(config.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    def submit(self, fn, *args):
+        return self.executor.submit(fn, *args)
+
+    async def _load(self, url: str) -> LoadedAdapter:
+        name = "lora_" + hashlib.sha1(url.encode()).hexdigest()[:16]
+        await asyncio.wrap_future(self.submit(self.load_adapter, url, name))
+        return LoadedAdapter(self, name)
+
+    def load_adapter(self, url: str, name: str) -> None:
+        load_lora(self.editor.pipe.transformer, local_copy(url, self.config.lora_storage_options), name)
+        self.editor.loras[name] = url
+
+    def unload_adapter(self, name: str) -> None:
+        self.editor.pipe.transformer.delete_adapters(name)
+        self.editor.loras.pop(name, None)
+
+    async def edit(self, job: EditJob) -> EditResult:
+        result = await self.run_batch(job)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def run_batch(self, jobs: list[EditJob]) -> list[EditResult | Exception]:
+        """Group the batch by (LoRA, size, steps, CFG); each group is one denoising batch."""
+        results: dict[int, EditResult | Exception] = {}
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i].group())
+        for _, members in groupby(order, key=lambda i: jobs[i].group()):
+            members = list(members)
+            try:
+                adapter = await self.get_adapter(jobs[members[0]].lora_url) if jobs[members[0]].lora_url else None
+                images = await asyncio.wrap_future(self.submit(self.edit_group, adapter, [jobs[i] for i in members]))
+                results.update({i: EditResult(to_png(image), len(members)) for i, image in zip(members, images)})
+            except Exception as err:  # noqa: BLE001 - answered per request; the rest of the batch goes on
+                self.note_fatal(err)
+                results.update({i: err for i in members})
+        return [results[i] for i in range(len(jobs))]
+
+    def edit_group(self, adapter: LoadedAdapter | None, jobs: list[EditJob]) -> list[Image.Image]:
+        self.editor.use_loras({adapter.name: jobs[0].lora_scale} if adapter else {})
+        return edit_images(self.editor.pipe, [j.image for j in jobs], [j.request for j in jobs])
+
+    def note_fatal(self, err: Exception) -> None:
+        """A CUDA error poisons the process: report unhealthy so Serve replaces the replica."""
+        if "CUDA error" in str(err) or "cudaError" in str(err):
+            self.fatal = f"{type(err).__name__}: {err}"
+
+    def check_health(self) -> None:
+        if self.fatal:
+            raise RuntimeError(f"model replica is broken by an earlier error: {self.fatal}")
+
+    def info(self) -> dict:
+        pipe = self.editor.pipe
+        return {"model": self.config.model, "device": str(pipe.device), "dtype": str(pipe.transformer.dtype),
+                "loaded_loras": len(self.editor.loras)}
+
+
+def to_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+api = FastAPI(
+    title="longcat-ray",
+    description="Instruction image editing with LongCat-Image-Edit and per-request LoRA adapters.",
+    version="1",
+)
+bearer = HTTPBearer(auto_error=False)
+
+
+@api.exception_handler(RequestError)
+async def request_error(_: Request, err: RequestError) -> JSONResponse:
+    detail = [{"loc": ["body", err.field], "msg": err.message, "type": "request_error"}]
+    return JSONResponse({"detail": detail}, status_code=err.status)
+
+
+@api.middleware("http")
+async def limit_body(request: Request, call_next):
+    """Refuse an oversized body from its Content-Length, before anything reads it."""
+    limit = getattr(api.state, "max_body", None)
+    length = request.headers.get("content-length")
+    if limit and length and length.isdigit() and int(length) > limit:
+        detail = [{"loc": ["body", "image"], "msg": f"request body of {length} bytes is over the limit of {limit}",
+                   "type": "request_error"}]
+        return JSONResponse({"detail": detail}, status_code=413)
+    return await call_next(request)
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, model, config: ServeConfig):
+        self.model, self.config, self.token = model, config, config.token()
+        # Multipart framing adds a little to the image itself.
+        api.state.max_body = config.max_upload_bytes + 64 * 1024
+
+    def authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if self.token is None:
+            return
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), self.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> str:
+        return resources.files("longcat_ray.serving").joinpath("page.html").read_text()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        """The ingress is up and a model replica answers."""
+        try:
+            info = await asyncio.wait_for(self.model.info.remote(), timeout=10)
+        except Exception as err:  # noqa: BLE001 - any failure means not ready
+            raise HTTPException(503, f"model not ready: {type(err).__name__}: {err}") from None
+        return {"status": "ok", "auth": self.token is not None, **info}
+
+    @api.get("/v1/loras")
+    def loras(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """Adapter ids under the adapter root (pass one as `lora` to /v1/edit)."""
+        self.authorize(credentials)
+        return {"loras": list_loras(self.config.lora_root, self.config.lora_storage_options)}
+
+    @api.post("/v1/edit", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def edit(
+        self,
+        image: UploadFile = File(..., description="the source image (PNG, JPEG, WebP, ...)"),
+        prompt: str = Form(..., description="the edit instruction"),
+        negative_prompt: str = Form("", description="what to steer away from (with guidance_scale > 1)"),
+        guidance_scale: float | None = Form(None, description="CFG scale; <= 1 turns CFG off (default 4.5)"),
+        num_inference_steps: int | None = Form(None, description="denoising steps (default 40)"),
+        width: int | None = Form(None, description="output width, 16-px grid (default: from the source's aspect)"),
+        height: int | None = Form(None, description="output height, 16-px grid"),
+        seed: int | None = Form(None, description="noise seed (default: random; returned in X-Seed)"),
+        lora: str | None = Form(None, description="adapter id from GET /v1/loras (default: the base model)"),
+        lora_scale: float = Form(1.0, description="adapter strength, 0..2"),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> Response:
+        """Edit `image` by `prompt`; returns the PNG (headers: X-Seed, X-Lora, X-Batch-Size)."""
+        self.authorize(credentials)
+        check_range("lora_scale", lora_scale, 0, 2)
+        lora = lora or None
+        lora_url = find_lora(self.config.lora_root, lora, self.config.lora_storage_options) if lora else None
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        source = decode_upload(await image.read(self.config.max_upload_bytes + 1), self.config)
+        request = build_request(source, self.config, prompt=prompt, negative_prompt=negative_prompt,
+                                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                width=width, height=height, seed=seed)
+        job = EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_scale=lora_scale)
+        result = await self.run(job)
+        headers = {"X-Seed": str(seed), "X-Lora": lora or "", "X-Batch-Size": str(result.batch_size)}
+        return Response(result.png, media_type="image/png", headers=headers)
+
+    async def run(self, job: EditJob) -> EditResult:
+        from longcat_ray.inference import LoraError
+
+        try:
+            return await self.model.options(multiplexed_model_id=job.lora_url or "").edit.remote(job)
+        except LoraError as err:
+            raise RequestError(422, "lora", str(err)) from None
+
+
+def build_app(config: ServeConfig):
+    """The Serve application (what `serve run`/`serve deploy` and `longcat-ray serve` start)."""
+    model = serve.deployment(
+        EditModel,
+        name="EditModel",
+        ray_actor_options={"num_gpus": config.gpus(), "num_cpus": 1},
+        max_ongoing_requests=max(2 * config.max_batch_size, 8),
+        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                            "target_ongoing_requests": config.target_ongoing_requests},
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )
+    ingress = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+    return ingress.bind(model.bind(config), config)
+
+
+def app(args: ServeConfig):
+    """Application builder for `serve run` / `serve deploy` (import_path `longcat_ray.serving.app:app`): Serve
+    validates the config file's `args` against ServeConfig and reports every bad key before deploying."""
+    return build_app(args)
+
+
+def run_local(config: ServeConfig, host: str, port: int) -> str:
+    """Start Serve's proxy on host:port and deploy the app (on RAY_ADDRESS's cluster, else a local Ray)."""
+    from longcat_ray.runtime import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"

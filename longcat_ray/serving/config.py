@@ -1,0 +1,70 @@
+"""The serving config: the `args` of serve/config.yaml, or the flags of `longcat-ray serve`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from longcat_ray.config import SIZE_GRID, Section
+
+TOKEN_ENV = "LONGCAT_RAY_API_TOKEN"
+
+
+class ServeConfig(Section):
+    model: str
+    """The base pipeline: a local diffusers folder or a hub id (the same loader as training and validation)."""
+    lora_root: str | None = None
+    """Where adapters live (local folder or s3://): `<root>/<id>/pytorch_lora_weights.safetensors` (an exported
+    training output_dir) or `<root>/<id>.safetensors`. Requests name adapters by `<id>` only."""
+    lora_storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec options for an s3:// lora_root (endpoint_url, ...); credentials come from the environment."""
+    num_gpus: float | None = None
+    """GPUs per model replica; None = 1 when the process starting Serve sees a GPU, else 0 (CPU)."""
+    min_replicas: int = Field(1, ge=0)
+    """Autoscaling floor for model replicas (0 lets an idle cluster give its GPUs back)."""
+    max_replicas: int = Field(1, ge=1)
+    """Autoscaling ceiling for model replicas."""
+    target_ongoing_requests: float = Field(4, gt=0)
+    """Autoscaling target: requests queued or running per replica."""
+    max_batch_size: int = Field(4, ge=1)
+    """Requests of one size, step count and LoRA share a denoising batch of up to this many."""
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    """How long a replica waits for a batch to fill."""
+    max_loras_per_replica: int = Field(4, ge=1)
+    """LoRAs kept loaded per replica (least recently used is unloaded first)."""
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024)
+    """Largest request body accepted (413 above)."""
+    max_input_pixels: int = Field(40_000_000, ge=1)
+    """Largest uploaded image in pixels, checked from the header before decoding (decompression bombs: 413)."""
+    max_side: int = Field(2048, ge=SIZE_GRID)
+    """Largest output width or height."""
+    max_steps: int = Field(100, ge=1)
+    """Most denoising steps a request may ask for."""
+    max_guidance: float = Field(20.0, gt=0)
+    """Largest guidance_scale a request may ask for."""
+    default_steps: int = Field(40, ge=1)
+    default_guidance: float = Field(4.5, ge=0)
+    default_area: int = Field(1024 * 1024, ge=SIZE_GRID * SIZE_GRID)
+    """Output pixel area when a request gives neither width nor height (the pipeline's ~1 MP)."""
+    api_token: str | None = None
+    """Bearer token for /v1/*; None reads the LONGCAT_RAY_API_TOKEN environment variable; unset = no auth."""
+
+    @model_validator(mode="after")
+    def check_ranges(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps {self.default_steps} > max_steps {self.max_steps}")
+        return self
+
+    def token(self) -> str | None:
+        return self.api_token or os.environ.get(TOKEN_ENV) or None
+
+    def gpus(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0

@@ -1,0 +1,179 @@
+"""The Serve app on a real `serve.run` on 127.0.0.1 with the tiny model: edits, LoRAs per request, the
+bad-input battery, concurrency and batching, the page in headless Chromium."""
+
+import io
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import reference_image
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny, tiny_loras):
+    from ray import serve
+
+    from longcat_ray.serving.app import APP_NAME, build_app
+    from longcat_ray.serving.config import ServeConfig
+
+    config = ServeConfig(model=str(tiny.model), lora_root=str(tiny_loras), api_token=TOKEN, default_steps=2,
+                         default_area=64 * 64, max_steps=8, max_side=256, max_upload_bytes=1_000_000,
+                         max_input_pixels=1_000_000, max_batch_size=4, batch_wait_timeout_s=0.3,
+                         max_loras_per_replica=1)  # one slot: switching adapters evicts and reloads
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post_edit(url: str, image: bytes, headers=AUTH, **fields):
+    data = {"prompt": "swap the red and blue colours", "seed": "3", "width": "64", "height": "48", **fields}
+    return requests.post(f"{url}/v1/edit", files={"image": ("source.png", image, "image/png")}, data=data,
+                         headers=headers, timeout=120)
+
+
+def pixels(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)), np.float32)
+
+
+def test_loras_per_request(server, tiny):
+    source = png_bytes(reference_image(tiny))
+    base, style0, style1 = (pixels(post_edit(server, source, lora=lora)) for lora in ("", "style0", "style1"))
+    assert base.shape == (48, 64, 3)
+    for a, b in ((base, style0), (base, style1), (style0, style1)):
+        assert np.abs(a - b).max() > 10
+    again = pixels(post_edit(server, source, lora="style0"))  # style1 evicted style0 from the one slot
+    assert np.abs(again - style0).max() <= 1
+    assert np.abs(pixels(post_edit(server, source, lora="style1", lora_scale="0")) - base).max() <= 1
+    response = post_edit(server, source, seed="4")
+    assert response.headers["X-Seed"] == "4" and np.abs(pixels(response) - base).max() > 10
+
+
+def bad_requests(tiny) -> list[tuple[str, dict, int, str]]:
+    """(what, request kwargs, status, field): every kind of bad input of the issue."""
+    good = png_bytes(reference_image(tiny))
+    truncated = png_bytes(Image.effect_noise((96, 96), 60).convert("RGB"))[:-3000]
+    bomb = png_bytes(Image.new("1", (4000, 4000)))
+    return [
+        ("no token", {"headers": {}}, 401, ""),
+        ("wrong token", {"headers": {"Authorization": "Bearer nope"}}, 401, ""),
+        ("not an image", {"image": b"%PDF-1.4 definitely not a picture"}, 422, "image"),
+        ("empty upload", {"image": b""}, 422, "image"),
+        ("truncated image", {"image": truncated}, 422, "image"),
+        ("decompression bomb", {"image": bomb}, 413, "image"),
+        ("upload over the byte limit", {"image": b"\x89PNG" + b"\0" * 2_000_000}, 413, "image"),
+        ("no prompt", {"prompt": ""}, 422, "prompt"),
+        ("steps 0", {"num_inference_steps": "0"}, 422, "num_inference_steps"),
+        ("steps over max", {"num_inference_steps": "9"}, 422, "num_inference_steps"),
+        ("steps not a number", {"num_inference_steps": "many"}, 422, "num_inference_steps"),
+        ("guidance negative", {"guidance_scale": "-1"}, 422, "guidance_scale"),
+        ("guidance over max", {"guidance_scale": "50"}, 422, "guidance_scale"),
+        ("guidance nan", {"guidance_scale": "nan"}, 422, "guidance_scale"),
+        ("width off grid", {"width": "100"}, 422, "width"),
+        ("width over max", {"width": "4096"}, 422, "width"),
+        ("height under min", {"height": "8"}, 422, "height"),
+        ("lora scale", {"lora_scale": "3"}, 422, "lora_scale"),
+        ("unknown lora", {"lora": "nope"}, 404, "lora"),
+        ("pickle file in the root", {"lora": "pickled"}, 404, "lora"),
+        ("lora ..", {"lora": "../style0"}, 400, "lora"),
+        ("lora absolute", {"lora": "/etc/passwd"}, 400, "lora"),
+        ("lora s3 url", {"lora": "s3://bucket/x"}, 400, "lora"),
+        ("lora http url", {"lora": "http://evil.example/x.safetensors"}, 400, "lora"),
+        ("lora nested ..", {"lora": "style0/../../x"}, 400, "lora"),
+        ("lora of another model", {"lora": "misfit"}, 422, "lora"),
+    ], good
+
+
+def test_bad_input_gets_4xx_naming_the_field(server, tiny):
+    cases, good = bad_requests(tiny)
+    wrong = []
+    for what, kwargs, status, field in cases:
+        kwargs = dict(kwargs)
+        response = post_edit(server, kwargs.pop("image", good), headers=kwargs.pop("headers", AUTH), **kwargs)
+        named = field == "" or any(d["loc"][-1] == field for d in response.json()["detail"])
+        if response.status_code != status or not named:
+            wrong.append(f"{what}: {response.status_code} {response.text[:300]}")
+    assert not wrong, "\n".join(wrong)
+    misfit = post_edit(server, good, lora="misfit").json()["detail"][0]["msg"]
+    assert "transformer_blocks.0.attn.to_q.lora_A.weight" in misfit and "999" in misfit
+    assert pixels(post_edit(server, good)).shape == (48, 64, 3)  # still serving
+
+
+def test_16_concurrent_requests_are_batched(server, tiny):
+    source = png_bytes(reference_image(tiny, 2))
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: post_edit(server, source, seed=str(i), lora="style1" if i % 2 else ""), range(16)))
+    assert [r.status_code for r in responses] == [200] * 16, [r.text for r in responses if r.status_code != 200]
+    assert all(pixels(r).shape == (48, 64, 3) for r in responses)
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    single = pixels(post_edit(server, source, seed="5", lora="style1"))  # a batched row equals the same request alone
+    assert np.abs(pixels(responses[5]) - single).max() <= 1
+
+
+def test_health_loras_and_docs(server):
+    health = requests.get(f"{server}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["auth"] is True and health["device"] == "cpu"
+    assert requests.get(f"{server}/v1/loras", timeout=30).status_code == 401
+    loras = requests.get(f"{server}/v1/loras", headers=AUTH, timeout=30).json()["loras"]
+    assert [entry["id"] for entry in loras] == ["misfit", "style0", "style1"]
+    schema = requests.get(f"{server}/openapi.json", timeout=30).json()
+    assert {"image", "prompt", "lora", "seed"} <= set(
+        schema["components"]["schemas"][schema["paths"]["/v1/edit"]["post"]["requestBody"]["content"]
+                                        ["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]]["properties"])
+    assert requests.get(f"{server}/docs", timeout=30).status_code == 200
+
+
+def test_page_in_headless_chromium(server, tiny, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    source = tmp_path / "source.png"
+    reference_image(tiny).save(source)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(f"{server}/")
+        page.fill("#token", TOKEN)
+        page.dispatch_event("#token", "change")  # stores the token and reloads the LoRA list with it
+        page.wait_for_selector("#lora option[value=style0]", state="attached", timeout=30_000)
+        page.set_input_files("#image", str(source))
+        page.fill("#prompt", "swap the red and blue colours")
+        page.select_option("#lora", "style0")
+        page.fill("#num_inference_steps", "2")
+        page.fill("#width", "64")
+        page.fill("#height", "48")
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('result').naturalWidth > 0", timeout=60_000)
+        assert page.eval_on_selector("#result", "img => [img.naturalWidth, img.naturalHeight]") == [64, 48]
+        assert page.eval_on_selector("#source", "img => img.naturalWidth") > 0
+        assert page.inner_text("#error") == ""
+        page.fill("#num_inference_steps", "500")
+        page.eval_on_selector("#num_inference_steps", "el => el.removeAttribute('max')")  # let the server judge it
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+        assert "num_inference_steps" in page.inner_text("#error")
+        browser.close()

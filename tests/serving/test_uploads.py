@@ -1,0 +1,81 @@
+"""Request checks, without a server: sizes from the source's aspect, limits, bombs."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from longcat_ray.serving.adapters import check_lora_id, find_lora, list_loras
+from longcat_ray.serving.config import ServeConfig
+from longcat_ray.serving.uploads import RequestError, build_request, decode_upload
+
+CONFIG = ServeConfig(model="m", max_input_pixels=1_000_000, max_upload_bytes=100_000, max_side=512, max_steps=50)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_sizes_follow_the_source_aspect_on_the_16px_grid():
+    landscape = Image.new("RGB", (300, 200))
+    assert build_request(landscape, CONFIG, prompt="x").width > build_request(landscape, CONFIG, prompt="x").height
+    request = build_request(landscape, CONFIG, prompt="x", width=240)
+    assert (request.width, request.height) == (240, 160)
+    request = build_request(landscape, CONFIG.model_copy(update={"default_area": 256 * 256}), prompt="x")
+    assert request.width % 16 == request.height % 16 == 0 and abs(request.width * request.height - 256 * 256) < 0.2 * 256 * 256
+
+
+@pytest.mark.parametrize("fields,status,field", [
+    ({"num_inference_steps": 0}, 422, "num_inference_steps"),
+    ({"num_inference_steps": 51}, 422, "num_inference_steps"),
+    ({"guidance_scale": float("nan")}, 422, "guidance_scale"),
+    ({"guidance_scale": 21}, 422, "guidance_scale"),
+    ({"width": 100}, 422, "width"),
+    ({"height": 1024}, 422, "height"),
+    ({"seed": -1}, 422, "seed"),
+    ({"prompt": "  "}, 422, "prompt"),
+    ({"negative_prompt": "x" * 5000}, 422, "negative_prompt"),
+])
+def test_bad_fields_name_the_field(fields, status, field):
+    with pytest.raises(RequestError) as err:
+        build_request(Image.new("RGB", (64, 64)), CONFIG, **{"prompt": "x", **fields})
+    assert (err.value.status, err.value.field) == (status, field)
+
+
+def test_uploads_are_checked_before_decoding():
+    with pytest.raises(RequestError, match="not a readable image") as err:
+        decode_upload(b"GIF89a but not really", CONFIG)
+    assert err.value.status == 422
+    bomb = png(Image.new("1", (2000, 2000)))  # 4 MP of one colour: a few hundred bytes on the wire
+    assert len(bomb) < 10_000
+    with pytest.raises(RequestError, match="2000x2000 = 4000000 pixels") as err:
+        decode_upload(bomb, CONFIG)
+    assert err.value.status == 413
+    truncated = png(Image.effect_noise((64, 64), 50).convert("RGB"))[:-2000]
+    with pytest.raises(RequestError, match="damaged or truncated"):
+        decode_upload(truncated, CONFIG)
+    with pytest.raises(RequestError) as err:
+        decode_upload(b"\0" * 100_001, CONFIG)
+    assert err.value.status == 413
+    assert decode_upload(png(Image.new("L", (32, 16))), CONFIG).mode == "RGB"
+
+
+@pytest.mark.parametrize("lora_id", ["../style0", "/etc/passwd", "s3://bucket/x", "http://evil/x.safetensors",
+                                     "style0/../../x", "a/b", "", ".hidden", "x" * 200])
+def test_lora_ids_never_leave_the_root(lora_id):
+    with pytest.raises(RequestError) as err:
+        check_lora_id(lora_id)
+    assert (err.value.status, err.value.field) == (400, "lora")
+
+
+def test_adapters_under_the_root(tiny_loras):
+    ids = [entry["id"] for entry in list_loras(str(tiny_loras), {})]
+    assert ids == ["misfit", "style0", "style1"]  # pickles are never offered
+    assert find_lora(str(tiny_loras), "style0", {}).endswith("style0/pytorch_lora_weights.safetensors")
+    assert find_lora(str(tiny_loras), "style1", {}).endswith("style1.safetensors")
+    for missing in ("pickled", "nope"):
+        with pytest.raises(RequestError) as err:
+            find_lora(str(tiny_loras), missing, {})
+        assert err.value.status == 404
