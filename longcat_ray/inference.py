@@ -111,10 +111,14 @@ def denoise(
     negative: torch.Tensor | None,
     requests: list[EditRequest],
     preview: Callable[[int, torch.Tensor], None] | None = None,
+    cfg_batch: bool = True,
 ) -> torch.Tensor:
     """The sampling loop: packed references [b, n, 64] + prompt (and negative) embeddings [b, L, d] -> packed
     latents [b, n, 64]. Each row starts from its own request's seeded noise, so a request gives the same image
-    alone or batched. Training's validation calls this with cached conditioning; `edit_images` with fresh."""
+    alone or batched. Training's validation calls this with cached conditioning; `edit_images` with fresh.
+
+    cfg_batch: the conditional and unconditional passes share one forward of batch 2b (the pipeline makes two
+    calls; same math, larger matrix products)."""
     dtype = ref_latents.dtype
     latents = torch.cat([initial_noise(r, ref_latents.device, dtype) for r in requests])
     first = requests[0]
@@ -125,8 +129,13 @@ def denoise(
     negative = negative.to(dtype) if negative is not None else None
     for step in range(first.steps):
         sigma = sigmas[step : step + 1].expand(len(requests))
-        velocity = flow.predict_velocity(transformer, latents, ref_latents, embeds, txt_ids, img_ids, sigma)
-        if negative is not None:
+        if negative is not None and cfg_batch:
+            both = flow.predict_velocity(transformer, latents.repeat(2, 1, 1), ref_latents.repeat(2, 1, 1),
+                                         torch.cat([embeds, negative]), txt_ids, img_ids, sigma.repeat(2))
+            velocity = guide_rows(*both.chunk(2), requests)
+        else:
+            velocity = flow.predict_velocity(transformer, latents, ref_latents, embeds, txt_ids, img_ids, sigma)
+        if negative is not None and not cfg_batch:
             uncond = flow.predict_velocity(transformer, latents, ref_latents, negative, txt_ids, img_ids, sigma)
             velocity = guide_rows(velocity, uncond, requests)
         latents = flow.euler_step(latents, velocity, float(sigmas[step]), float(sigmas[step + 1]))
@@ -267,6 +276,28 @@ def load_editor(name_or_path: str, device: str | None = None, loras: list[str] =
     editor.use_loras(scales)
     apply_offload(editor.pipe, offload)
     return editor
+
+
+def speed_up(pipe, quantize: str = "none", compile: bool = False) -> None:
+    """Inference-only levers on a GPU (no-ops on the CPU): cuDNN attention (its forward is the fastest at these
+    shapes; only its backward fails, which inference never runs), optional fp8 matmuls for the DiT's linears
+    (torchao dynamic per-row scaling; approximates bf16), optional regional torch.compile of the repeated
+    blocks (compiles per new size/batch shape; LoRAs still load and switch)."""
+    if not torch.cuda.is_available() or pipe.device.type != "cuda":
+        return
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    if quantize == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        def fits(module: torch.nn.Module, _name: str) -> bool:
+            return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fits)
+    elif quantize != "none":
+        raise ValueError(f"quantize must be none or fp8, got {quantize!r}")
+    if compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
 
 def apply_offload(pipe, offload: str) -> None:

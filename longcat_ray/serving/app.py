@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from ray import serve
 
-from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline
+from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
 from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
 from longcat_ray.serving.config import ServeConfig
 from longcat_ray.serving.uploads import RequestError, build_request, check_range, decode_upload
@@ -76,6 +76,7 @@ class EditModel:
         self.config = config
         device = "cuda" if config.gpus() > 0 and torch.cuda.is_available() else "cpu"
         self.editor = Editor(load_pipeline(config.model, device=device))
+        speed_up(self.editor.pipe, config.quantize, config.compile)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="longcat-model")
         self.fatal: str | None = None
 

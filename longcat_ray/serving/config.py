@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -48,6 +48,11 @@ class ServeConfig(Section):
     default_guidance: float = Field(4.5, ge=0)
     default_area: int = Field(1024 * 1024, ge=SIZE_GRID * SIZE_GRID)
     """Output pixel area when a request gives neither width nor height (the pipeline's ~1 MP)."""
+    quantize: Literal["none", "fp8"] = "none"
+    """GPU only: `fp8` runs the DiT's linears as fp8 matmuls (torchao, dynamic per-row scales): faster on
+    H100-class cards, an approximation of bf16."""
+    compile: bool = False
+    """GPU only: torch.compile the repeated DiT blocks (each new size/batch shape compiles once, ~a minute)."""
     api_token: str | None = None
     """Bearer token for /v1/*; None reads the LONGCAT_RAY_API_TOKEN environment variable; unset = no auth."""
 
