@@ -104,7 +104,7 @@ def run_variants(pipe, names: list[str], iters: int, side: int) -> dict:
     return results
 
 
-def run_serve(model_dir: str, variant: str, side: int) -> dict:
+def run_serve(model_dir: str, variant: str, side: int, concurrent: int) -> dict:
     """Deploy the Serve app over the saved pipeline with the variant's levers, time HTTP edits."""
     import requests
     from ray import serve
@@ -123,27 +123,35 @@ def run_serve(model_dir: str, variant: str, side: int) -> dict:
     buffer = io.BytesIO()
     Image.effect_noise((1024, 1024), 64).convert("RGB").save(buffer, format="PNG")
 
+    model_seconds = []
+
     def post(seed: int) -> float:
         begin = time.perf_counter()
         response = requests.post("http://127.0.0.1:8000/v1/edit", files={"image": ("ref.png", buffer.getvalue())},
                                  data={"prompt": "make the sky a sunset", "width": str(side), "height": str(side),
                                        "num_inference_steps": "40", "guidance_scale": "4.5", "seed": str(seed)}, timeout=900)
         response.raise_for_status()
+        model_seconds.append(float(response.headers["X-Edit-Seconds"]))
         return time.perf_counter() - begin
 
     first = post(0)
     single = [post(i) for i in range(1, 4)]
-    from concurrent.futures import ThreadPoolExecutor
+    result = {"variant": variant, "deploy_s": round(deployed, 1), "first_request_s": round(first, 1),
+              "s_per_request": round(statistics.median(single), 3), "all_s": [round(t, 3) for t in single],
+              "model_s_per_request": round(statistics.median(model_seconds[1:4]), 3)}
+    print("serve", json.dumps(result), flush=True)
+    if concurrent:
+        from concurrent.futures import ThreadPoolExecutor
 
-    begin = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        latencies = list(pool.map(post, range(10, 18)))
-    wall = time.perf_counter() - begin
+        begin = time.perf_counter()
+        with ThreadPoolExecutor(concurrent) as pool:
+            latencies = list(pool.map(post, range(10, 10 + concurrent)))
+        wall = time.perf_counter() - begin
+        result.update({"concurrent": concurrent, "concurrent_wall_s": round(wall, 2),
+                       "concurrent_images_per_s": round(concurrent / wall, 3),
+                       "concurrent_median_latency_s": round(statistics.median(latencies), 2)})
     serve.shutdown()
-    return {"variant": variant, "deploy_s": round(deployed, 1), "first_request_s": round(first, 1),
-            "s_per_request": round(statistics.median(single), 3), "all_s": [round(t, 3) for t in single],
-            "concurrent8_wall_s": round(wall, 2), "concurrent8_images_per_s": round(8 / wall, 3),
-            "concurrent8_median_latency_s": round(statistics.median(latencies), 2)}
+    return result
 
 
 def main() -> None:
@@ -151,6 +159,7 @@ def main() -> None:
     parser.add_argument("--variants", default="eager_two_calls,eager,compiled,fp8_compiled")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--serve", default="", help="also time HTTP edits through Ray Serve with this variant's levers")
+    parser.add_argument("--concurrent", type=int, default=8, help="with --serve: then this many requests at once")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve_latency.json"))
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run")
     args = parser.parse_args()
@@ -164,13 +173,13 @@ def main() -> None:
             start = time.perf_counter()
             pipe.save_pretrained(model_dir)
             results["save_s"] = round(time.perf_counter() - start, 1)
-        results["variants"] = run_variants(pipe, args.variants.split(","), args.iters, side)
+        results["variants"] = run_variants(pipe, [n for n in args.variants.split(",") if n], args.iters, side)
         json.dump(results, open(args.out, "w"), indent=2)
         if args.serve:
             del pipe
             gc.collect()
             torch.cuda.empty_cache()
-            results["serve"] = run_serve(model_dir, args.serve, side)
+            results["serve"] = run_serve(model_dir, args.serve, side, args.concurrent)
             print("serve", json.dumps(results["serve"]), flush=True)
     json.dump(results, open(args.out, "w"), indent=2)
 

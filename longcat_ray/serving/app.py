@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import io
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -52,6 +53,8 @@ class EditJob:
 class EditResult:
     png: bytes
     batch_size: int
+    seconds: float
+    """Model time of the batch this request was in (conditioning, denoising, decoding)."""
 
 
 class LoadedAdapter:
@@ -118,8 +121,10 @@ class EditModel:
             members = list(members)
             try:
                 adapter = await self.get_adapter(jobs[members[0]].lora_url) if jobs[members[0]].lora_url else None
+                start = time.perf_counter()
                 images = await asyncio.wrap_future(self.submit(self.edit_group, adapter, [jobs[i] for i in members]))
-                results.update({i: EditResult(to_png(image), len(members)) for i, image in zip(members, images)})
+                seconds = time.perf_counter() - start
+                results.update({i: EditResult(to_png(image), len(members), seconds) for i, image in zip(members, images)})
             except Exception as err:  # noqa: BLE001 - answered per request; the rest of the batch goes on
                 self.note_fatal(err)
                 results.update({i: err for i in members})
@@ -146,7 +151,7 @@ class EditModel:
 
 def to_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=1)  # level 6 costs ~0.1 s more at 768² for ~10% fewer bytes
     return buffer.getvalue()
 
 
@@ -224,7 +229,7 @@ class Ingress:
         lora_scale: float = Form(1.0, description="adapter strength, 0..2"),
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> Response:
-        """Edit `image` by `prompt`; returns the PNG (headers: X-Seed, X-Lora, X-Batch-Size)."""
+        """Edit `image` by `prompt`; returns the PNG (headers: X-Seed, X-Lora, X-Batch-Size, X-Edit-Seconds)."""
         self.authorize(credentials)
         check_range("lora_scale", lora_scale, 0, 2)
         lora = lora or None
@@ -236,7 +241,8 @@ class Ingress:
                                 width=width, height=height, seed=seed)
         job = EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_scale=lora_scale)
         result = await self.run(job)
-        headers = {"X-Seed": str(seed), "X-Lora": lora or "", "X-Batch-Size": str(result.batch_size)}
+        headers = {"X-Seed": str(seed), "X-Lora": lora or "", "X-Batch-Size": str(result.batch_size),
+                   "X-Edit-Seconds": f"{result.seconds:.3f}"}
         return Response(result.png, media_type="image/png", headers=headers)
 
     async def run(self, job: EditJob) -> EditResult:
