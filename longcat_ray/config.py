@@ -105,6 +105,9 @@ class TrainConfig(Section):
     """DeepSpeed ZeRO stage."""
     num_workers: int | None = Field(None, ge=1)
     """Training workers (one per GPU); default: every GPU of the cluster, or 2 CPU workers without GPUs."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Where Ray puts the workers: PACK fills a node first (NVLink inside a host); SPREAD/STRICT_SPREAD put
+    them on different nodes."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train recovers from (restarting from the last checkpoint) before giving up."""
 

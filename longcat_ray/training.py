@@ -66,7 +66,8 @@ def train(config: Config, progress: bool = True) -> TrainResult:
             "options": make_plan(config).options,
             "progress": progress,
         },
-        scaling_config=ScalingConfig(num_workers=worker_count(config, gpus), use_gpu=gpus > 0),
+        scaling_config=ScalingConfig(num_workers=worker_count(config, gpus), use_gpu=gpus > 0,
+                                     placement_strategy=config.train.placement_strategy),
         run_config=RunConfig(
             storage_path=config.train.output_dir,
             name=run_name(config),
