@@ -139,8 +139,8 @@ def training_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_killed_worker_is_replaced_and_the_run_finishes(tiny, tmp_path):
-    config = tiny_config(tiny, tmp_path, max_train_steps=40, checkpointing_steps=4, max_failures=2)
+def test_killed_worker_is_replaced_and_the_run_finishes(tiny, ray_local, tmp_path):
+    config = tiny_config(tiny, tmp_path, max_train_steps=24, checkpointing_steps=4, max_failures=2)
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(result=train(config, progress=False)))
     runner.start()
@@ -154,7 +154,7 @@ def test_killed_worker_is_replaced_and_the_run_finishes(tiny, tmp_path):
     assert victims, "no training worker found to kill"
     os.kill(victims[-1].pid, signal.SIGKILL)
     runner.join(timeout=900)
-    assert outcome["result"].steps == 40
+    assert outcome["result"].steps == 24
     steps = [line["micro_step"] for line in samples_log(tmp_path)]
     assert len(steps) > len(set(steps))  # the steps after the last checkpoint were trained again
     assert os.path.exists(os.path.join(tmp_path, LORA_FILE))
