@@ -94,6 +94,8 @@ def run_variants(pipe, names: list[str], iters: int, side: int) -> dict:
         if (quantize == "fp8" and not quantized) or (compile and not compiled):
             speed_up(pipe, "fp8" if quantize == "fp8" and not quantized else "none", compile and not compiled)
             quantized, compiled = quantized or quantize == "fp8", compiled or compile
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         warm = timed_edit(pipe, reference, request, cfg_batch)  # includes compilation for compiled rows
         times = [timed_edit(pipe, reference, request, cfg_batch) for _ in range(iters)]

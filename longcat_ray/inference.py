@@ -81,12 +81,14 @@ def encode_condition(
     width, height = requests[0].width, requests[0].height
     sized = [resize_image(ref.convert("RGB"), width, height) for ref in references]
     vls = [vl_image(image, width, height) for image in sized]
-    encoder = pipeline_prompt_encoder(pipe)
-    embeds = encode_prompts(*encoder, [r.prompt for r in requests], vls)
-    negative = None
-    if requests[0].guidance > 1:
-        # The negative prompt is encoded with the same reference image, as the pipeline does.
-        negative = encode_prompts(*encoder, [r.negative_prompt for r in requests], vls)
+    prompts = [r.prompt for r in requests]
+    cfg = requests[0].guidance > 1
+    if cfg:
+        # The negative prompt is encoded with the same reference image, as the pipeline does; one VL forward
+        # encodes both (the batch rows are independent).
+        prompts += [r.negative_prompt for r in requests]
+    embeds = encode_prompts(*pipeline_prompt_encoder(pipe), prompts, vls * (2 if cfg else 1))
+    embeds, negative = (embeds.chunk(2) if cfg else (embeds, None))
     latents = pack_latents(encode_latents(pipe.vae, image_to_tensor(sized)))
     return latents.to(pipe.transformer.dtype), embeds, negative
 

@@ -14,27 +14,32 @@ from longcat_ray.storage import filesystem, is_local, join
 LORA_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
+def is_lora_id(name: str) -> bool:
+    """A bare name: letters, digits, `.`, `_`, `-` (no `/`, no `..`, no scheme)."""
+    return bool(LORA_ID.fullmatch(name)) and ".." not in name
+
+
 def check_lora_id(lora_id: str) -> str:
-    """A bare name: letters, digits, `.`, `_`, `-` (no `/`, no `..`, no scheme). Anything else is a 400."""
-    if not LORA_ID.fullmatch(lora_id) or ".." in lora_id:
+    """The id, or a 400 naming the `lora` field."""
+    if not is_lora_id(lora_id):
         raise RequestError(400, "lora", f"{lora_id!r} is not an adapter id: ids are names under the adapter root "
                                         "(letters, digits, '.', '_', '-'); paths and URLs are refused")
     return lora_id
 
 
-def candidate_urls(root: str, lora_id: str) -> list[str]:
+def candidate_names(lora_id: str) -> list[str]:
     """An exported output_dir (`<id>/pytorch_lora_weights.safetensors`) or a bare `<id>.safetensors`."""
-    return [join(root, lora_id, LORA_FILE), join(root, f"{lora_id.removesuffix('.safetensors')}.safetensors")]
+    return [join(lora_id, LORA_FILE), f"{lora_id.removesuffix('.safetensors')}.safetensors"]
 
 
 def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> str:
     """id -> URL of its safetensors file under root; RequestError 404 if there is none."""
     check_lora_id(lora_id)
     if root:
-        fs, _ = filesystem(root, options)
-        for url in candidate_urls(root, lora_id):
-            if fs.isfile(filesystem(url, options)[1]):
-                return url
+        fs, path = filesystem(root, options)
+        for name in candidate_names(lora_id):
+            if fs.isfile(join(path, name)):
+                return join(root, name)
     raise RequestError(404, "lora", f"no adapter {lora_id!r} under the adapter root; GET /v1/loras lists them")
 
 
@@ -47,7 +52,7 @@ def list_loras(root: str | None, options: dict[str, Any]) -> list[dict[str, Any]
     for pattern, strip in ((f"{path}/*/{LORA_FILE}", f"/{LORA_FILE}"), (f"{path}/*.safetensors", ".safetensors")):
         for file in fs.glob(pattern):
             lora_id = file.removesuffix(strip).rsplit("/", 1)[-1]
-            if LORA_ID.fullmatch(lora_id) and ".." not in lora_id:
+            if is_lora_id(lora_id):
                 found.setdefault(lora_id, int(fs.size(file)))
     return [{"id": key, "bytes": size} for key, size in sorted(found.items())]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from longcat_ray.buckets import bucket_for
-from longcat_ray.config import SIZE_GRID
+from longcat_ray.config import SIZE_GRID, nearest_on_grid
 from longcat_ray.inference import EditRequest
 from longcat_ray.serving.config import ServeConfig
 
@@ -66,8 +66,8 @@ def check_range(field: str, value: float, low: float, high: float) -> None:
 def check_side(field: str, value: int, config: ServeConfig, note: str = "") -> int:
     check_range(field, value, SIZE_GRID, config.max_side)
     if value % SIZE_GRID:
-        near = max(SIZE_GRID, round(value / SIZE_GRID) * SIZE_GRID)
-        raise RequestError(422, field, f"{value}{note} is off the {SIZE_GRID}-px grid; nearest valid: {near}")
+        raise RequestError(422, field, f"{value}{note} is off the {SIZE_GRID}-px grid; "
+                                       f"nearest valid: {nearest_on_grid(value, SIZE_GRID)}")
     return value
 
 
@@ -77,10 +77,10 @@ def output_size(image: Image.Image, width: int | None, height: int | None, confi
         return bucket_for(image.width, image.height, config.default_area, grid=SIZE_GRID)
     given = {k: check_side(k, v, config) for k, v in (("width", width), ("height", height)) if v is not None}
     if "width" not in given:
-        derived = max(SIZE_GRID, round(height * image.width / image.height / SIZE_GRID) * SIZE_GRID)
+        derived = nearest_on_grid(height * image.width / image.height, SIZE_GRID)
         given["width"] = check_side("width", derived, config, " (from height and the source's aspect)")
     if "height" not in given:
-        derived = max(SIZE_GRID, round(width * image.height / image.width / SIZE_GRID) * SIZE_GRID)
+        derived = nearest_on_grid(width * image.height / image.width, SIZE_GRID)
         given["height"] = check_side("height", derived, config, " (from width and the source's aspect)")
     return given["width"], given["height"]
 
