@@ -6,7 +6,11 @@ match the real layout: vision tokens + 2 + 512). Pairs are 1024x1024 PNGs on loc
 bucket, so the number includes reading, decoding, fitting, encoding edit + reference latents, the prompt
 embedding of (instruction, reference at half size) and writing the checksummed entries.
 
-    python benchmarks/cache_throughput.py [--pairs 64] [--batch 1,8,16] [--out results.json]
+    python -m benchmarks.cache_throughput [--pairs 64] [--batch 1,8,16] [--out results.json]
+
+Also recorded: where the GPU time goes at the largest batch (VAE in three layouts, vision tower, language
+model) and, on the same card, the text encoding as it ran before (instruction padded to 512 tokens, one SDPA
+call per vision window), with the largest difference between the two embeddings (bf16).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -29,8 +34,30 @@ from longcat_ray.cache import (
     encode_dataset,
     entry_urls,
     prepare_batch,
+    speed_up_encoders,
 )
+from longcat_ray.model.latents import encode_latents, pixels_to_tensor
+from longcat_ray.model.prompt import build_prompt_inputs, encode_prompt_inputs, rope_positions, tokenize_instruction
+from longcat_ray.model.vision import pack_vision_attention
 from longcat_ray.tiny import SPECIAL_TOKENS, build_tiny_tokenizer, draw_reference
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def tiny_components() -> EncoderComponents:
+    """The tiny preset's encoders on the CPU: `--size tiny` checks this script end to end without a GPU."""
+    from longcat_ray.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(0)
+    pack_vision_attention(pipe.text_encoder)
+    return EncoderComponents(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                             image_processor=pipe.text_processor.image_processor)
 
 
 def full_size_components() -> EncoderComponents:
@@ -58,6 +85,7 @@ def full_size_components() -> EncoderComponents:
             use_post_quant_conv=False,
         ).to(torch.bfloat16).eval()
         text_encoder = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    pack_vision_attention(text_encoder)  # as load_encoder_components does
     return EncoderComponents(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_processor=Qwen2VLImageProcessor())
 
 
@@ -87,27 +115,104 @@ def write_pairs(root: Path, count: int) -> list[dict]:
     return rows
 
 
-def make_plan(root: Path, batch: int, blank: bool) -> CachePlan:
+def make_plan(root: Path, batch: int, blank: bool, compile: bool = False) -> CachePlan:
     cache = Path(tempfile.mkdtemp(dir=root))
     return CachePlan(model=str(root / "model"), vae_dirs={"e": str(cache / "e"), "r": str(cache / "r")},
                      text_dir=str(cache / "t"), options={"e": {}, "r": {}, "text": {}}, blank=blank, batch_size=batch,
-                     vae_fp="bench", text_fp="bench")
+                     vae_fp="bench", text_fp="bench", compile=compile)
 
 
-def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path) -> float:
+def timed(fn, iters: int = 3) -> float:
+    """Seconds per call after one warm-up call."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def prepared_batch(rows: list[dict], batch: int, root: Path) -> dict:
+    plan = make_plan(root, batch, False)
+    chunk = rows[:batch]
+    return prepare_batch({k: [r[k] for r in chunk] for k in chunk[0]}, plan)
+
+
+def text_before(text_encoder, tokenizer, instructions, pixels, grid) -> torch.Tensor:
+    """The text encoding as the pipeline's code runs it on transformers 5.x: 512 instruction slots, 1D
+    positions (no position ids given), one SDPA call per vision window."""
+    packed = {b: b.attn.__dict__.pop("forward", None) for b in text_encoder.model.visual.blocks}
+    tokens = [tokenize_instruction(tokenizer, t) for t in instructions]
+    ids, mask, start, suffix = build_prompt_inputs(tokenizer, tokens, int(grid[0].prod()) // 4)
+    try:
+        out = text_encoder(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), pixel_values=pixels.to(DEVICE),
+                           image_grid_thw=grid.to(DEVICE), output_hidden_states=True)
+    finally:
+        for block, forward in packed.items():
+            if forward is not None:
+                block.attn.forward = forward
+    return out.hidden_states[-1][:, start:-suffix]
+
+
+@torch.no_grad()
+def measure_components(components: EncoderComponents, rows: list[dict], batch: int, root: Path) -> dict:
+    """ms per pair of each part of the GPU stage at one batch size, and the before/after text encoding."""
+    prepared = prepared_batch(rows, batch, root)
+    edit = torch.from_numpy(np.stack(prepared["edit_pixels"])).to(DEVICE)
+    pixels = torch.from_numpy(np.concatenate(prepared["vl_pixels"]))
+    grid = torch.from_numpy(np.stack(prepared["vl_grid"]))
+    te, tok, vae = components.text_encoder, components.tokenizer, components.vae
+    captions = list(prepared["caption"])
+    per_pair = lambda seconds: round(1000 * seconds / batch, 2)  # noqa: E731
+    out = {"batch": batch}
+    vae_call = lambda: encode_latents(vae, pixels_to_tensor(edit))  # noqa: E731
+    out["vae_one_image_ms_nchw"] = per_pair(timed(vae_call))
+    if DEVICE == "cuda":
+        vae.to(memory_format=torch.channels_last)
+        out["vae_one_image_ms_channels_last"] = per_pair(timed(vae_call))
+        vae.encoder.compile(dynamic=False)
+        out["vae_one_image_ms_compiled"] = per_pair(timed(vae_call))
+        vae.encoder._compiled_call_impl = None  # the GPU-stage rows compile (or not) as the product does
+    tower = lambda: te.model.visual(pixels.to(DEVICE), grid_thw=grid.to(DEVICE)).pooler_output  # noqa: E731
+    out["vision_tower_ms"] = per_pair(timed(tower))
+    packed = {b: b.attn.__dict__.pop("forward") for b in te.model.visual.blocks}
+    stock = tower()
+    out["vision_tower_stock_ms"] = per_pair(timed(tower))
+    for block, forward in packed.items():
+        block.attn.forward = forward
+    out["vision_packed_vs_stock_max_abs_diff"] = round(float((tower() - stock).abs().max()), 4)
+    after = lambda: encode_prompt_inputs(te, tok, captions, pixels, grid, 2)  # noqa: E731
+    out["text_ms"] = per_pair(timed(after))
+    before = lambda: text_before(te, tok, captions, pixels, grid)  # noqa: E731
+    out["text_before_ms"] = per_pair(timed(before))
+    # the same positions, all 512 slots: the compact encoding's bf16 difference from the full computation
+    tokens = [tokenize_instruction(tok, t) for t in captions]
+    ids, mask, start, suffix = build_prompt_inputs(tok, tokens, int(grid[0].prod()) // 4)
+    positions = rope_positions(ids, mask, te.config.image_token_id, grid, 2)
+    full = te(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), position_ids=positions.to(DEVICE),
+              pixel_values=pixels.to(DEVICE), image_grid_thw=grid.to(DEVICE), output_hidden_states=True).hidden_states[-1][:, start:-suffix]
+    compact = after()
+    out["compact_vs_full_max_abs_diff"] = round(float((compact - full).abs().max()), 4)
+    out["embedding_abs_mean"] = round(float(full.abs().float().mean()), 4)
+    return out
+
+
+def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path, compile: bool, factory) -> float:
     """pairs/s of the whole Ray Data pipeline (prepare on CPU tasks -> encode on the GPU actor -> write),
     in steady state: from the first finished batch to the last (actor start-up excluded)."""
-    stamps, plan = [], make_plan(root, batch, blank)
+    stamps, plan = [], make_plan(root, batch, blank, compile)
     todo = [{**r, "urls": json.dumps(entry_urls(r, plan)), "missing": json.dumps(list(ENTRY_KINDS[: 4 if blank else 3])),
              "valid_bytes": 0} for r in rows]
-    for out in encode_dataset(todo, plan, factory=full_size_components).iter_batches(batch_size=None):
+    for out in encode_dataset(todo, plan, factory=factory).iter_batches(batch_size=None):
         stamps.append((time.perf_counter(), len(out["sample_id"])))
     return sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
 
 
-def measure_gpu_stage(components: EncoderComponents, rows: list[dict], batch: int, blank: bool, root: Path) -> float:
+def measure_gpu_stage(components: EncoderComponents, rows: list[dict], batch: int, blank: bool, root: Path,
+                      compile: bool = False) -> float:
     """pairs/s of the encoder actor's work alone, on rows already prepared (the GPU-bound ceiling)."""
-    plan = make_plan(root, batch, blank)
+    plan = make_plan(root, batch, blank, compile)
     as_batch = lambda chunk: {k: [r[k] for r in chunk] for k in chunk[0]}  # noqa: E731
     missing = json.dumps(list(ENTRY_KINDS[: 4 if blank else 3]))
     chunks = [as_batch([{**r, "urls": json.dumps(entry_urls(r, plan)), "missing": missing, "valid_bytes": 0}
@@ -115,11 +220,11 @@ def measure_gpu_stage(components: EncoderComponents, rows: list[dict], batch: in
     prepared = [prepare_batch(c, plan) for c in chunks]
     encoder = CacheEncoder(plan, factory=lambda: components)
     encoder(prepared[0])
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for chunk in prepared:
         encoder(chunk)
-    torch.cuda.synchronize()
+    sync()
     return len(rows) / (time.perf_counter() - start)
 
 
@@ -127,6 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch", default="1,8,16")
+    parser.add_argument("--compile", default="0,1", help="GPU-stage rows without (0) and with (1) cache_compile")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: the tiny preset on the CPU (a smoke run)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cache_throughput.json"))
     args = parser.parse_args()
     import ray
@@ -135,24 +242,35 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     rows = write_pairs(root, args.pairs)
     write_processor(root / "model")
-    results = {"card": torch.cuda.get_device_name(), "pairs": args.pairs, "resolution": "768x768"}
-    components = full_size_components()
-    for batch in (int(b) for b in args.batch.split(",")):
-        for blank in (False, True):
-            rate = measure_gpu_stage(components, rows, batch, blank, root)
-            results[f"gpu_stage_b{batch}_{'with' if blank else 'no'}_blank_pairs_per_s"] = round(rate, 2)
-            print(json.dumps({"stage": "gpu", "batch": batch, "blank": blank, "pairs_per_s": round(rate, 2)}), flush=True)
-    results["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    del components
-    torch.cuda.empty_cache()
-    ray.init(num_gpus=1 if torch.cuda.is_available() else 0, include_dashboard=False)
+    batches = [int(b) for b in args.batch.split(",")]
+    compiles = [bool(int(c)) for c in args.compile.split(",")]
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    results = {"card": card, "size": args.size, "pairs": args.pairs, "resolution": "768x768"}
+    factory = full_size_components if args.size == "full" else tiny_components
+    components = factory()
+    results["components"] = measure_components(components, rows, max(batches), root)
+    print(json.dumps(results["components"]), flush=True)
+    speed_up_encoders(components)
+    for compile in compiles:
+        for batch in batches:
+            for blank in (False, True):
+                rate = measure_gpu_stage(components, rows, batch, blank, root, compile)
+                name = f"gpu_stage_b{batch}_{'with' if blank else 'no'}_blank{'_compiled' if compile else ''}_pairs_per_s"
+                results[name] = round(rate, 2)
+                print(json.dumps({name: results[name]}), flush=True)
+    if DEVICE == "cuda":
+        results["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        del components
+        torch.cuda.empty_cache()
+    ray.init(num_gpus=1 if DEVICE == "cuda" else 0, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    batch = int(args.batch.split(",")[-2 if "," in args.batch else 0])
+    batch = max(batches)
     for blank in (False, True):
         twice = [{**r, "sample_id": f"{r['sample_id']}-{k}", "edit_sha": f"{r['edit_sha']}{k}"} for k in range(2) for r in rows]
-        rate = measure_pipeline(twice, batch, blank, root)
-        results[f"pipeline_b{batch}_{'with' if blank else 'no'}_blank_pairs_per_s"] = round(rate, 2)
-        print(json.dumps({"stage": "pipeline", "batch": batch, "blank": blank, "pairs_per_s": round(rate, 2)}), flush=True)
+        rate = measure_pipeline(twice, batch, blank, root, compiles[-1], factory)
+        name = f"pipeline_b{batch}_{'with' if blank else 'no'}_blank{'_compiled' if compiles[-1] else ''}_pairs_per_s"
+        results[name] = round(rate, 2)
+        print(json.dumps({name: results[name]}), flush=True)
     print(json.dumps(results))
     Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -206,6 +206,8 @@ class DataConfig(Section):
     """Pairs per encoder call in the cache stage (grouped by bucket inside)."""
     cache_workers: int | None = Field(None, ge=1)
     """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
+    cache_compile: bool = False
+    """torch.compile the VAE encoder in the cache stage's GPU actors (faster; a warm-up per bucket shape)."""
     text_cache_dir: str = "cache/text/longcat"
     """The prompt-embedding cache (a `text_embeds` dataset's `cache_dir` sets it)."""
     text_cache_options: dict[str, Any] = Field(default_factory=dict)
@@ -249,7 +251,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "validation_num_pairs": ("validation", "num_pairs"),
     **{k: ("data", k) for k in (
         "data_backend_config", "aspect_bucket_alignment", "minimum_image_size", "skip_bad_pairs", "cache_batch_size",
-        "cache_workers",
+        "cache_workers", "cache_compile",
     )},
 }
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "validation": ValidationConfig}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -49,6 +50,27 @@ def reference_image(tiny, index: int = 1):
     from PIL import Image
 
     return Image.open(Path(tiny.refs) / f"pair_{index:04d}.png").convert("RGB")
+
+
+@contextlib.contextmanager
+def with_mrope(pipe):
+    """The pipeline's text encoder, given the multimodal position ids (every pad at PAD_POSITION): what
+    the pipeline computed on transformers 4.x, where the model was trained."""
+    from longcat_ray.model.prompt import rope_positions
+
+    encoder, merge = pipe.text_encoder, pipe.text_processor.image_processor.merge_size
+    forward = encoder.forward
+
+    def with_positions(**kwargs):
+        ids, mask, grid = (kwargs[k].cpu() for k in ("input_ids", "attention_mask", "image_grid_thw"))
+        positions = rope_positions(ids, mask, encoder.config.image_token_id, grid, merge)
+        return forward(**kwargs, position_ids=positions.to(encoder.device))
+
+    encoder.forward = with_positions
+    try:
+        yield pipe
+    finally:
+        del encoder.forward
 
 
 @pytest.fixture(scope="session")

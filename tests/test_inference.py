@@ -6,7 +6,7 @@ import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 
 from longcat_ray.inference import EditRequest, edit_image, edit_images
-from tests.conftest import reference_image
+from tests.conftest import reference_image, with_mrope
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
@@ -14,10 +14,11 @@ def test_edit_matches_pipeline(tiny, tiny_pipe, guidance):
     reference = reference_image(tiny, 2).resize((48, 72))  # a small portrait input keeps the 1-MP run short
     width, height = calculate_dimensions(1024 * 1024, reference.width / reference.height)
     prompt = "swap the red and blue colours"
-    theirs = tiny_pipe(
-        reference, prompt, num_inference_steps=3, guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(7), output_type="np",
-    ).images[0]
+    with with_mrope(tiny_pipe):
+        theirs = tiny_pipe(
+            reference, prompt, num_inference_steps=3, guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+        ).images[0]
     request = EditRequest(prompt=prompt, width=width, height=height, steps=3, guidance=guidance, seed=7)
     ours = np.asarray(edit_image(tiny_pipe, reference, request), dtype=np.float32) / 255
     assert ours.shape == theirs.shape == (height, width, 3)

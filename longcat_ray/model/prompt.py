@@ -2,6 +2,15 @@
 
 Same token layout as diffusers' LongCatImageEditPipeline._encode_prompt, batched: every sample in a
 batch must have a VL image of the same size (one aspect bucket), so all sequences have one length.
+
+Two differences from running the pipeline's code on transformers >= 5.15, both deliberate:
+- Position ids are computed here (`rope_positions`): Qwen2.5-VL's multimodal 3D RoPE over the reference's
+  patch grid, padded positions at 1, as transformers 4.x computed them when LongCat was trained. transformers
+  >= 5.15 needs `mm_token_type_ids` for that and, without it (the pipeline does not pass it), silently falls
+  back to 1D positions (diffusers issue #14194 for the Qwen-Image pipelines).
+- The instruction's padding is encoded once, not up to 512 times (`encode_prompt_inputs`): a padded position
+  is masked as a key, and every one of them has the same token, the same position and sees the same keys, so
+  all of them carry the same hidden state. The embedding is rebuilt at full length (vision + 2 + 512) after.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ SYSTEM_PREFIX = (
 SYSTEM_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_TOKEN = "<|image_pad|>"
 MAX_INSTRUCTION_TOKENS = 512
+# Part of every cached text entry's key: a change to how prompts are encoded re-encodes the text cache.
+PROMPT_ENCODING = "mrope-4x-pads1"
+PAD_POSITION = 1  # transformers 4.x's position id for padded tokens (get_rope_index starts from ones)
 
 
 def vl_image(reference: Image.Image, width: int, height: int) -> Image.Image:
@@ -46,25 +58,61 @@ def prompt_layout(tokenizer, image_tokens: int) -> tuple[list[int], list[int], i
     return prefix, suffix, prefix.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
 
 
-def build_prompt_inputs(tokenizer, instructions: list[str], image_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """-> (input_ids [b, L], attention_mask [b, L], slice start, suffix length).
+def build_prompt_inputs(
+    tokenizer, instruction_ids: list[list[int]], image_tokens: int, pad_to: int = MAX_INSTRUCTION_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Tokenised instructions -> (input_ids [b, L], attention_mask [b, L], slice start, suffix length).
 
-    L = prefix + 512 + suffix; the instruction is padded to 512 by the tokenizer's own `pad` (its padding
-    side and pad id), with a zero mask, exactly as the pipeline does.
+    L = prefix + pad_to + suffix; the instruction is padded to `pad_to` (512 in the pipeline) by the
+    tokenizer's own `pad` (its padding side and pad id), with a zero mask.
     """
     prefix, suffix, start = prompt_layout(tokenizer, image_tokens)
     padded = tokenizer.pad(
-        {"input_ids": [tokenize_instruction(tokenizer, text) for text in instructions]},
-        max_length=MAX_INSTRUCTION_TOKENS,
+        {"input_ids": instruction_ids},
+        max_length=pad_to,
         padding="max_length",
         return_attention_mask=True,
         return_tensors="pt",
     )
-    b = len(instructions)
+    b = len(instruction_ids)
     prefix_ids, suffix_ids = torch.tensor([prefix] * b), torch.tensor([suffix] * b)
     input_ids = torch.cat([prefix_ids, padded["input_ids"], suffix_ids], dim=1)
     mask = torch.cat([torch.ones_like(prefix_ids), padded["attention_mask"], torch.ones_like(suffix_ids)], dim=1)
     return input_ids, mask, start, len(suffix)
+
+
+def rope_positions(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int, grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """[b, L] ids with one image block per row -> Qwen2.5-VL position ids [3, b, L] (temporal, height, width).
+
+    Text tokens count up on all three axes; the image's tokens sit on its merged patch grid, offset by the text
+    before it; the text after continues from that offset + max(grid h, grid w). Padded tokens get PAD_POSITION.
+    """
+    positions = torch.full((3, *input_ids.shape), PAD_POSITION, dtype=torch.long)
+    for row, (ids, keep) in enumerate(zip(input_ids, mask.bool())):
+        valid = ids[keep]
+        image = (valid == image_token_id).nonzero().flatten()
+        before, count = int(image[0]), len(image)
+        _, h, w = (int(v) for v in grid_thw[row])
+        h, w = h // merge_size, w // merge_size
+        grid = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
+        after = torch.arange(len(valid) - before - count) + before + max(h, w)
+        parts = [torch.arange(before).expand(3, -1), grid + before, after.expand(3, -1)]
+        positions[:, row, keep] = torch.cat(parts, dim=1)
+    return positions
+
+
+def expand_padding(hidden: torch.Tensor, mask: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
+    """Instruction slots encoded with few pads -> the same slots with the full padding.
+
+    hidden [b, P, d] with mask [b, P] -> [b, F, d] laid out as full_mask [b, F]: the k-th unmasked slot takes
+    the k-th unmasked row of hidden, every masked slot takes the row's first masked (pad) hidden state.
+    """
+    index = torch.zeros(full_mask.shape, dtype=torch.long)
+    for row, (short, full) in enumerate(zip(mask.bool(), full_mask.bool())):
+        index[row, full] = short.nonzero().flatten()
+        if (~full).any():
+            index[row, ~full] = int((~short).nonzero()[0])
+    return hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def pipeline_prompt_encoder(pipe) -> tuple:
@@ -89,19 +137,28 @@ def encode_prompt_inputs(
 ) -> torch.Tensor:
     """Instructions + prepared VL inputs of one bucket -> prompt embeddings [b, vision tokens + 2 + 512, d].
 
-    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix.
+    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix. The batch is
+    encoded with the instructions padded to the longest one + 1 (not to 512), then expanded (module docstring).
     """
     image_tokens = int(grid_thw[0].prod()) // merge_size**2
-    input_ids, mask, start, suffix_len = build_prompt_inputs(tokenizer, instructions, image_tokens)
+    tokens = [tokenize_instruction(tokenizer, text) for text in instructions]
+    pad_to = min(MAX_INSTRUCTION_TOKENS, max(map(len, tokens)) + 1)
+    input_ids, mask, start, suffix_len = build_prompt_inputs(tokenizer, tokens, image_tokens, pad_to)
+    positions = rope_positions(input_ids, mask, text_encoder.config.image_token_id, grid_thw, merge_size)
     device = text_encoder.device
     output = text_encoder(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
+        position_ids=positions.to(device),
         pixel_values=pixel_values.to(device),
         image_grid_thw=grid_thw.to(device),
         output_hidden_states=True,
     )
-    return output.hidden_states[-1][:, start:-suffix_len].detach()
+    hidden = output.hidden_states[-1][:, start:-suffix_len].detach()
+    head = start + 2 + image_tokens  # <|vision_start|>, image, <|vision_end|>: the same in every layout
+    _, full_mask, _, _ = build_prompt_inputs(tokenizer, tokens, image_tokens)
+    slots = expand_padding(hidden[:, head - start :], mask[:, head:-suffix_len], full_mask[:, head:-suffix_len])
+    return torch.cat([hidden[:, : head - start], slots], dim=1)
 
 
 def encode_prompts(
