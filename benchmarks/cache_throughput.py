@@ -169,11 +169,13 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
     vae_call = lambda: encode_latents(vae, pixels_to_tensor(edit))  # noqa: E731
     out["vae_one_image_ms_nchw"] = per_pair(timed(vae_call))
     if DEVICE == "cuda":
-        vae.to(memory_format=torch.channels_last)
-        out["vae_one_image_ms_channels_last"] = per_pair(timed(vae_call))
         vae.encoder.compile(dynamic=False)
-        out["vae_one_image_ms_compiled"] = per_pair(timed(vae_call))
-        vae.encoder._compiled_call_impl = None  # the GPU-stage rows compile (or not) as the product does
+        out["vae_one_image_ms_nchw_compiled"] = per_pair(timed(vae_call))
+        vae.to(memory_format=torch.channels_last)
+        out["vae_one_image_ms_channels_last_compiled"] = per_pair(timed(vae_call))
+        vae.encoder._compiled_call_impl = None
+        out["vae_one_image_ms_channels_last"] = per_pair(timed(vae_call))
+        vae.to(memory_format=torch.contiguous_format)  # the GPU-stage rows set the layout as the product does
     tower = lambda: te.model.visual(pixels.to(DEVICE), grid_thw=grid.to(DEVICE)).pooler_output  # noqa: E731
     out["vision_tower_ms"] = per_pair(timed(tower))
     packed = {b: b.attn.__dict__.pop("forward") for b in te.model.visual.blocks}
@@ -186,13 +188,15 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
     out["text_ms"] = per_pair(timed(after))
     before = lambda: text_before(te, tok, captions, pixels, grid)  # noqa: E731
     out["text_before_ms"] = per_pair(timed(before))
-    # the same positions, all 512 slots: the compact encoding's bf16 difference from the full computation
+    with_blank = lambda: encode_prompt_inputs(te, tok, captions, pixels, grid, 2, blank=True)  # noqa: E731
+    out["text_with_blank_ms"] = per_pair(timed(with_blank))
+    # the same positions, all 512 slots and the suffix, LM head included: the compact encoding's bf16 difference
     tokens = [tokenize_instruction(tok, t) for t in captions]
     ids, mask, start, suffix = build_prompt_inputs(tok, tokens, int(grid[0].prod()) // 4)
     positions = rope_positions(ids, mask, te.config.image_token_id, grid, 2)
     full = te(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), position_ids=positions.to(DEVICE),
               pixel_values=pixels.to(DEVICE), image_grid_thw=grid.to(DEVICE), output_hidden_states=True).hidden_states[-1][:, start:-suffix]
-    compact = after()
+    compact = after()[0]
     out["compact_vs_full_max_abs_diff"] = round(float((compact - full).abs().max()), 4)
     out["embedding_abs_mean"] = round(float(full.abs().float().mean()), 4)
     return out

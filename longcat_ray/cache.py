@@ -304,13 +304,12 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
 
 
 def speed_up_encoders(parts: EncoderComponents, compile: bool = False) -> EncoderComponents:
-    """On a GPU: the VAE in channels-last layout (cuDNN's own, no transposes around each conv) and, with
-    `compile`, its encoder compiled (fuses the group norms and activations between the convs)."""
-    if parts.vae.device.type != "cuda":
+    """With `compile`, on a GPU: the VAE encoder compiled (fuses the group norms and activations between the
+    convs), in channels-last layout. (Eager channels-last is slower: its group norms; benchmarks/RESULTS.md.)"""
+    if parts.vae.device.type != "cuda" or not compile:
         return parts
     parts.vae.to(memory_format=torch.channels_last)
-    if compile:
-        parts.vae.encoder.compile(dynamic=False)
+    parts.vae.encoder.compile(dynamic=False)
     return parts
 
 
@@ -341,21 +340,20 @@ class CacheEncoder:
         for kind in ("edit", "ref"):
             pixels = torch.from_numpy(np.stack([r[f"{kind}_pixels"] for r in rows])).to(device)
             put(rows, kind, encode_latents(self.vae, pixels_to_tensor(pixels)))
-        instructions = [r["caption"] for r in rows] + ([""] * len(rows) if self.plan.blank else [])
-        copies = 2 if self.plan.blank else 1
-        pixel_values = torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows] * copies))
-        grid = torch.from_numpy(np.stack([r["vl_grid"] for r in rows] * copies))
-        embeds = encode_prompt_inputs(self.text_encoder, self.tokenizer, instructions, pixel_values, grid, self.merge_size)
-        put(rows, "text", embeds[: len(rows)])
-        if self.plan.blank:
-            put(rows, "blank", embeds[len(rows) :])
+        pixel_values = torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows]))
+        grid = torch.from_numpy(np.stack([r["vl_grid"] for r in rows]))
+        captions = [r["caption"] for r in rows]
+        embeds, blank = encode_prompt_inputs(self.text_encoder, self.tokenizer, captions, pixel_values, grid, self.merge_size, self.plan.blank)
+        put(rows, "text", embeds)
+        if blank is not None:
+            put(rows, "blank", blank)
 
 
 EMPTY_ENCODED = {"bytes": b"", "shape": "[]", "dtype": ""}
 
 
 def put(rows: list[dict[str, Any]], kind: str, batch: torch.Tensor) -> None:
-    for row, tensor in zip(rows, batch):
+    for row, tensor in zip(rows, batch.cpu()):  # one device-to-host copy per batch
         row[f"{kind}_bytes"], row[f"{kind}_shape"], row[f"{kind}_dtype"] = tensor_to_bytes(tensor)
 
 

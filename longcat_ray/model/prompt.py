@@ -133,32 +133,52 @@ def prepare_vision(image_processor, vl_images: list[Image.Image]) -> tuple[torch
 
 @torch.no_grad()
 def encode_prompt_inputs(
-    text_encoder, tokenizer, instructions: list[str], pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge_size: int
-) -> torch.Tensor:
-    """Instructions + prepared VL inputs of one bucket -> prompt embeddings [b, vision tokens + 2 + 512, d].
+    text_encoder,
+    tokenizer,
+    instructions: list[str],
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    merge_size: int,
+    blank: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Instructions + prepared VL inputs of one bucket -> (prompt embeddings [b, vision tokens + 2 + 512, d],
+    with `blank` the embeddings of ("", same reference) [b, same, d], else None).
 
-    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix. The batch is
-    encoded with the instructions padded to the longest one + 1 (not to 512), then expanded (module docstring).
+    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix. One causal
+    forward gives all of it: the suffix is left out (nothing before it depends on it); the instructions are
+    padded to the longest + 1 and expanded after (module docstring); the blank instruction's state is one more
+    masked pad right after the image, which sees the prefix alone, as every pad of an empty instruction does.
     """
     image_tokens = int(grid_thw[0].prod()) // merge_size**2
     tokens = [tokenize_instruction(tokenizer, text) for text in instructions]
     pad_to = min(MAX_INSTRUCTION_TOKENS, max(map(len, tokens)) + 1)
-    input_ids, mask, start, suffix_len = build_prompt_inputs(tokenizer, tokens, image_tokens, pad_to)
-    positions = rope_positions(input_ids, mask, text_encoder.config.image_token_id, grid_thw, merge_size)
+    ids, mask, start, suffix_len = build_prompt_inputs(tokenizer, tokens, image_tokens, pad_to)
+    head = start + 2 + image_tokens  # <|vision_start|>, image, <|vision_end|> end here in every layout
+    ids, mask = ids[:, :-suffix_len], mask[:, :-suffix_len]
+    if blank:
+        ids = torch.cat([ids[:, :head], torch.full_like(ids[:, :1], tokenizer.pad_token_id), ids[:, head:]], dim=1)
+        mask = torch.cat([mask[:, :head], torch.zeros_like(mask[:, :1]), mask[:, head:]], dim=1)
+    hidden = run_language_model(text_encoder, ids, mask, pixel_values, grid_thw, merge_size)
+    vision, rest = hidden[:, start:head], hidden[:, head + blank :]
+    _, full_mask, _, _ = build_prompt_inputs(tokenizer, tokens, image_tokens)
+    embeds = torch.cat([vision, expand_padding(rest, mask[:, head + blank :], full_mask[:, head:-suffix_len])], dim=1)
+    if not blank:
+        return embeds, None
+    return embeds, torch.cat([vision, hidden[:, head : head + 1].expand(-1, MAX_INSTRUCTION_TOKENS, -1)], dim=1)
+
+
+def run_language_model(text_encoder, ids: torch.Tensor, mask: torch.Tensor, pixel_values, grid_thw, merge_size: int) -> torch.Tensor:
+    """[b, L] ids + VL inputs -> last hidden states [b, L, d] (no LM head), with rope_positions."""
+    positions = rope_positions(ids, mask, text_encoder.config.image_token_id, grid_thw, merge_size)
     device = text_encoder.device
-    output = text_encoder(
-        input_ids=input_ids.to(device),
+    output = text_encoder.model(
+        input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
         pixel_values=pixel_values.to(device),
         image_grid_thw=grid_thw.to(device),
-        output_hidden_states=True,
     )
-    hidden = output.hidden_states[-1][:, start:-suffix_len].detach()
-    head = start + 2 + image_tokens  # <|vision_start|>, image, <|vision_end|>: the same in every layout
-    _, full_mask, _, _ = build_prompt_inputs(tokenizer, tokens, image_tokens)
-    slots = expand_padding(hidden[:, head - start :], mask[:, head:-suffix_len], full_mask[:, head:-suffix_len])
-    return torch.cat([hidden[:, : head - start], slots], dim=1)
+    return output.last_hidden_state.detach()
 
 
 def encode_prompts(
@@ -169,4 +189,4 @@ def encode_prompts(
     The pipeline's own components: `pipe.tokenizer` and `pipe.text_processor.image_processor`.
     """
     pixel_values, grid_thw = prepare_vision(image_processor, vl_images)
-    return encode_prompt_inputs(text_encoder, tokenizer, instructions, pixel_values, grid_thw, image_processor.merge_size)
+    return encode_prompt_inputs(text_encoder, tokenizer, instructions, pixel_values, grid_thw, image_processor.merge_size)[0]

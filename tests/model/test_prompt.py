@@ -13,6 +13,7 @@ from longcat_ray.model.prompt import (
     MAX_INSTRUCTION_TOKENS,
     PAD_POSITION,
     build_prompt_inputs,
+    encode_prompt_inputs,
     encode_prompts,
     expand_padding,
     pipeline_prompt_encoder,
@@ -68,6 +69,16 @@ def test_batched_encoding_equals_one_at_a_time(tiny, tiny_pipe):
         with with_mrope(tiny_pipe):
             theirs, _ = tiny_pipe.encode_prompt(prompt=text, image=image)
         torch.testing.assert_close(batch[i : i + 1], theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_blank_embedding_from_the_same_forward_equals_encoding_the_empty_instruction(tiny, tiny_pipe):
+    encoder, tokenizer, processor = pipeline_prompt_encoder(tiny_pipe)
+    images = [vl_image(reference_image(tiny, i), 128, 96) for i in range(2)]
+    pixels, grid = prepare_vision(processor, images)
+    embeds, blank = encode_prompt_inputs(encoder, tokenizer, INSTRUCTIONS[:2], pixels, grid, processor.merge_size, blank=True)
+    torch.testing.assert_close(embeds, encode_prompts(encoder, tokenizer, processor, INSTRUCTIONS[:2], images))
+    torch.testing.assert_close(blank, encode_prompts(encoder, tokenizer, processor, ["", ""], images), atol=1e-5, rtol=1e-4)
+    assert encode_prompt_inputs(encoder, tokenizer, ["x"], pixels[: len(pixels) // 2], grid[:1], processor.merge_size)[1] is None
 
 
 def test_positions_are_transformers_multimodal_rope_with_pads_at_one(tiny, tiny_pipe):
