@@ -208,6 +208,11 @@ class DataConfig(Section):
     """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
     cache_compile: bool = False
     """torch.compile the VAE encoder in the cache stage's GPU actors (faster; a warm-up per bucket shape)."""
+    cache_streaming: bool = False
+    """Encode while training instead of caching (datasets too large to cache): each training worker streams its
+    batches through Ray Data from its own encoder actor; only the validation pairs are cached."""
+    stream_encoder_gpus: float = Field(1.0, ge=0)
+    """GPUs of each training worker's encoder actor in streaming mode (on a GPU cluster; fractions share a GPU)."""
     text_cache_dir: str = "cache/text/longcat"
     """The prompt-embedding cache (a `text_embeds` dataset's `cache_dir` sets it)."""
     text_cache_options: dict[str, Any] = Field(default_factory=dict)
@@ -251,7 +256,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "validation_num_pairs": ("validation", "num_pairs"),
     **{k: ("data", k) for k in (
         "data_backend_config", "aspect_bucket_alignment", "minimum_image_size", "skip_bad_pairs", "cache_batch_size",
-        "cache_workers", "cache_compile",
+        "cache_workers", "cache_compile", "cache_streaming", "stream_encoder_gpus",
     )},
 }
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "validation": ValidationConfig}

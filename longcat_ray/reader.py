@@ -8,15 +8,17 @@ and stacks the entries.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from longcat_ray.arrays import tensor_from_bytes, tensor_to_bytes
+from longcat_ray.cache import STREAM_KEYS, CachePlan, load_entry
 from longcat_ray.cache import TENSOR_NAMES as TENSOR_KINDS
-from longcat_ray.cache import load_entry
 
 
 
@@ -101,3 +103,35 @@ def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:
         for kind in TENSOR_KINDS
         if f"{kind}_bytes" in row
     }
+
+
+def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder_gpus: float, start: int = 0):
+    """Streaming mode: a rank's planned batches from `start` on, encoded as they are needed and never written.
+    CPU tasks decode and fit the images; the rank's own encoder actor (the cache stage's) encodes them."""
+    import ray
+
+    from longcat_ray.cache import CacheEncoder, cpu_stage, prepare_batch
+
+    rows = [{**{k: m[k] for k in STREAM_KEYS}, "batch_index": i} for i, b in enumerate(batches) if i >= start for m in b]
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage(plan))
+    return prepared.map_batches(
+        CacheEncoder,
+        fn_constructor_kwargs={"plan": plan},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_gpus=encoder_gpus,
+        num_cpus=0 if encoder_gpus else 0.5,
+        batch_size=plan.batch_size,
+    )
+
+
+def group_encoded(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+    """The encoder's rows, in plan order -> (sample ids, stacked tensors per kind), one per planned batch."""
+    for _, members in itertools.groupby(rows, key=lambda row: row["batch_index"]):
+        members = list(members)
+        tensors = {
+            kind: torch.stack([tensor_from_bytes(m[f"{kind}_bytes"], m[f"{kind}_shape"], m[f"{kind}_dtype"]) for m in members])
+            for kind in TENSOR_KINDS
+            if members[0][f"{kind}_bytes"]
+        }
+        yield [m["sample_id"] for m in members], tensors

@@ -12,11 +12,13 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from longcat_ray.cache import CachePlan
 from longcat_ray.config import Config
 from longcat_ray.reader import kind_options_key as kind_key
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
@@ -43,30 +45,74 @@ def run_name(config: Config) -> str:
 
 
 def worker_count(config: Config, gpus: int) -> int:
-    return config.train.num_workers or (gpus if gpus else 2)
+    """Training workers: `num_workers`, else one per GPU (in streaming mode, per GPU left beside each worker's
+    encoder actor), else 2 on a CPU-only cluster."""
+    if config.train.num_workers:
+        return config.train.num_workers
+    if not gpus:
+        return 2
+    share = 1 + (config.data.stream_encoder_gpus if config.data.cache_streaming else 0)
+    return max(1, int(gpus // share))
+
+
+def check_stream_resources(config: Config, workers: int, gpus: int) -> None:
+    """Streaming mode on GPUs: every worker's encoder actor needs its GPUs too, or the run waits for them."""
+    need = workers * (1 + config.data.stream_encoder_gpus)
+    if config.data.cache_streaming and gpus and need > gpus:
+        print(f"warning: streaming with {workers} workers needs {need:g} GPUs ({workers} training + {workers} x "
+              f"stream_encoder_gpus {config.data.stream_encoder_gpus:g}); the cluster has {gpus} now. Unless an "
+              "autoscaler adds GPUs the run waits: lower num_workers or stream_encoder_gpus, or cache first "
+              "(cache_streaming: false).", flush=True)
+
+
+def validation_pairs(manifest: list[dict[str, Any]], config: Config) -> list[dict[str, Any]]:
+    """The samples in-training validation renders: the first `num_pairs` by sample id."""
+    if not config.validation.steps:
+        return []
+    return sorted(manifest, key=lambda m: m["sample_id"])[: config.validation.num_pairs]
+
+
+def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:
+    """-> the manifest training reads. Cached mode: build the cache. Streaming: check the dataset and cache only
+    the validation pairs; the manifest rows carry the image URLs the workers' encoders read."""
+    from longcat_ray.cache import STREAM_KEYS, build_cache, cache_pairs, make_plan, manifest_rows, read_manifest
+    from longcat_ray.pairs import prepare_pairs
+
+    if not config.data.cache_streaming:
+        print(build_cache(config, progress=progress))
+        return read_manifest(config)
+    pairs, problems = prepare_pairs(config)
+    plan = make_plan(config)
+    rows = manifest_rows(pairs, plan, STREAM_KEYS)
+    chosen = {m["sample_id"] for m in validation_pairs(rows, config)}
+    summary = cache_pairs([p for p in pairs if p["sample_id"] in chosen], plan, progress=progress)
+    print(f"streaming {len(pairs)} pairs, {len(problems)} skipped {[str(p) for p in problems]}; validation pairs: {summary}")
+    return rows
 
 
 def train(config: Config, progress: bool = True) -> TrainResult:
-    """Ensure the cache, train on Ray Train + DeepSpeed, export the final LoRA to output_dir."""
+    """Prepare the data (cache or stream), train on Ray Train + DeepSpeed, export the final LoRA to output_dir."""
     import ray
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from longcat_ray.cache import build_cache, make_plan, read_manifest
+    from longcat_ray.cache import make_plan
 
-    print(build_cache(config, progress=progress))
+    manifest = prepare_data(config, progress)
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    workers = worker_count(config, gpus)
+    check_stream_resources(config, workers, gpus)
     resume = config.train.resume_from_checkpoint
     explicit = Checkpoint(resume) if resume and resume != "latest" else None
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "manifest": read_manifest(config),
-            "options": make_plan(config).options,
+            "manifest": manifest,
+            "plan": make_plan(config),
             "progress": progress,
         },
-        scaling_config=ScalingConfig(num_workers=worker_count(config, gpus), use_gpu=gpus > 0,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      placement_strategy=config.train.placement_strategy),
         run_config=RunConfig(
             storage_path=config.train.output_dir,
@@ -143,7 +189,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state = WorkerState(**load_checkpoint(engine, directory)["longcat_ray"])
     loop = TrainingLoop(config=config, engine=engine, params=params, scheduler=scheduler, rank=rank, world=world,
                         device=device, dtype=dtype, state=state, manifest=loop_config["manifest"],
-                        options=loop_config["options"], progress=loop_config["progress"])
+                        plan=loop_config["plan"], progress=loop_config["progress"])
     loop.run()
 
 
@@ -159,7 +205,7 @@ class TrainingLoop:
     dtype: torch.dtype
     state: WorkerState
     manifest: list[dict[str, Any]]
-    options: dict[str, dict[str, Any]]
+    plan: CachePlan
     progress: bool
 
     def run(self) -> None:
@@ -175,17 +221,27 @@ class TrainingLoop:
             self.checkpoint(self.metrics())  # the final state is always a checkpoint
 
     def run_epoch(self, epoch: int, start: int) -> None:
-        from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
-
         train = self.config.train
-        batches = plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, epoch)[self.rank]
-        for row in shard_dataset(batches, self.options, start=start).iter_rows():
-            self.log_samples(json.loads(row["sample_ids"]))
-            loss = self.train_micro_batch(batch_tensors(row))
+        for sample_ids, tensors in self.epoch_batches(epoch, start):
+            self.log_samples(sample_ids)
+            loss = self.train_micro_batch(tensors)
             if self.state.micro_step % train.gradient_accumulation_steps == 0:
                 self.after_step(loss)
                 if self.state.step >= train.max_train_steps:
                     break
+
+    def epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """This rank's planned batches of `epoch` from `start` on: read from the cache, or encoded on the fly."""
+        from longcat_ray.reader import batch_tensors, group_encoded, plan_epoch, shard_dataset, stream_dataset
+
+        train, data = self.config.train, self.config.data
+        batches = plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, epoch)[self.rank]
+        if data.cache_streaming:
+            gpus = data.stream_encoder_gpus if torch.cuda.is_available() else 0
+            yield from group_encoded(stream_dataset(batches, self.plan, gpus, start).iter_rows())
+            return
+        for row in shard_dataset(batches, self.plan.options, start=start).iter_rows():
+            yield json.loads(row["sample_ids"]), batch_tensors(row)
 
     def train_micro_batch(self, tensors: dict[str, torch.Tensor]) -> float:
         from longcat_ray.model.loss import choose_prompts, flow_matching_loss
@@ -237,9 +293,9 @@ class TrainingLoop:
             model = self.config.model
             self.vae = AutoencoderKL.from_pretrained(model.pretrained_model_name_or_path, subfolder="vae",
                                                      revision=model.revision, torch_dtype=self.dtype).to(self.device).eval()
-        chosen = sorted(self.manifest, key=lambda m: m["sample_id"])[: self.config.validation.num_pairs]
-        samples = [{k: next(iter(load_entry(u, self.options[kind_key(k, m)]).values())) for k, u in m["entries"].items()}
-                   for m in chosen]
+        options = self.plan.options
+        samples = [{k: next(iter(load_entry(u, options[kind_key(k, m)]).values())) for k, u in m["entries"].items()}
+                   for m in validation_pairs(self.manifest, self.config)]
         module = self.engine.module
         module.eval()
         grid = validate_cached(module, self.vae, samples, self.config)

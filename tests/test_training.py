@@ -135,6 +135,32 @@ def test_resume_continues_the_stream_and_the_weights(zero2, tiny, tmp_path):
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=1e-4)
 
 
+def logged_losses(out) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs"))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars("train/loss")}
+
+
+def test_streaming_trains_as_the_cache_does_and_caches_only_the_validation_pairs(zero2, tiny, tmp_path):
+    cached, _ = zero2
+    config = tiny_config(tiny, tmp_path / "out", max_train_steps=5, checkpointing_steps=5)
+    config.data.cache_streaming = True
+    config.data.text_cache_dir = str(tmp_path / "cache" / "text")
+    for dataset in config.data.datasets:
+        dataset.cache_dir_vae = str(tmp_path / "cache" / dataset.id)
+    assert train(config, progress=False).steps == 5
+    for rank in (0, 1):
+        assert samples_log(tmp_path / "out", rank) == samples_log(cached.train.output_dir, rank)[:5]
+    streamed, from_cache = logged_losses(tmp_path / "out"), logged_losses(cached.train.output_dir)
+    assert streamed.keys() == {1, 5}
+    for step in streamed:
+        assert streamed[step] == pytest.approx(from_cache[step], rel=1e-4)
+    written = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "cache").rglob("*.safetensors")}
+    assert written == {m["sample_id"].replace("/", "__") for m in sorted(read_manifest(cached), key=lambda m: m["sample_id"])[:2]}
+
+
 def training_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
