@@ -210,15 +210,17 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
     return out
 
 
-def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path, compile: bool, factory) -> float:
-    """pairs/s of the whole Ray Data pipeline (prepare on CPU tasks -> encode on the GPU actor -> write),
-    in steady state: from the first finished batch to the last (actor start-up excluded)."""
-    stamps, plan = [], make_plan(root, batch, blank, compile)
+def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path, compile: bool, factory) -> tuple[float, float]:
+    """-> (pairs/s of the whole Ray Data pipeline (prepare on CPU tasks -> encode on the GPU actor -> write) in
+    steady state: from the first finished batch to the last (actor start-up excluded); MiB written per pair)."""
+    stamps, written, plan = [], 0, make_plan(root, batch, blank, compile)
     todo = [{**r, "urls": json.dumps(entry_urls(r, plan)), "missing": json.dumps(list(ENTRY_KINDS[: 4 if blank else 3])),
              "valid_bytes": 0} for r in rows]
     for out in encode_dataset(todo, plan, factory=factory).iter_batches(batch_size=None):
         stamps.append((time.perf_counter(), len(out["sample_id"])))
-    return sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+        written += int(sum(out["bytes_written"]))
+    rate = sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+    return rate, written / len(rows) / 2**20
 
 
 def measure_gpu_stage(components: EncoderComponents, rows: list[dict], batch: int, blank: bool, root: Path,
@@ -278,10 +280,10 @@ def main() -> None:
     batch = max(batches)
     for blank in (False, True):
         twice = [{**r, "sample_id": f"{r['sample_id']}-{k}", "edit_sha": f"{r['edit_sha']}{k}"} for k in range(2) for r in rows]
-        rate = measure_pipeline(twice, batch, blank, root, compiles[-1], factory)
-        name = f"pipeline_b{batch}_{'with' if blank else 'no'}_blank{'_compiled' if compiles[-1] else ''}_pairs_per_s"
-        results[name] = round(rate, 2)
-        print(json.dumps({name: results[name]}), flush=True)
+        rate, mib = measure_pipeline(twice, batch, blank, root, compiles[-1], factory)
+        name = f"pipeline_b{batch}_{'with' if blank else 'no'}_blank{'_compiled' if compiles[-1] else ''}"
+        results[f"{name}_pairs_per_s"], results[f"{name}_mib_written_per_pair"] = round(rate, 2), round(mib, 2)
+        print(json.dumps({name: [results[f"{name}_pairs_per_s"], results[f"{name}_mib_written_per_pair"]]}), flush=True)
     print(json.dumps(results))
     Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -23,11 +23,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from longcat_ray.arrays import tensor_from_bytes, tensor_to_bytes
 from longcat_ray.buckets import fit_to_bucket
 from longcat_ray.config import Config
 from longcat_ray.model.latents import encode_latents, pixels_to_tensor
-from longcat_ray.model.prompt import PROMPT_ENCODING, encode_prompt_inputs, prepare_vision, vl_image
+from longcat_ray.model.prompt import PROMPT_ENCODING, encode_prompt_states, expand_compact, prepare_vision, vl_image
 from longcat_ray.model.vision import pack_vision_attention
 from longcat_ray.pairs import decode_image, read_bytes
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
@@ -323,7 +322,7 @@ class CacheEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = batch_rows(batch)
         for row in rows:
-            row.update({f"{kind}_{part}": EMPTY_ENCODED[part] for kind in ENTRY_KINDS for part in EMPTY_ENCODED})
+            row.update({f"{kind}_tensors": b"" for kind in ENTRY_KINDS})
         for group in group_by_bucket(rows).values():
             self.encode_group(group)
         for row in rows:
@@ -333,30 +332,30 @@ class CacheEncoder:
 
     @torch.no_grad()
     def encode_group(self, rows: list[dict[str, Any]]) -> None:
-        """Encode a same-bucket group in place: edit/ref latents, prompt (+ blank) embeddings."""
+        """Encode a same-bucket group in place: per kind, the entry's tensors as a safetensors blob."""
         device = self.vae.device
         for kind in ("edit", "ref"):
             pixels = torch.from_numpy(np.stack([r[f"{kind}_pixels"] for r in rows])).to(device)
-            put(rows, kind, encode_latents(self.vae, pixels_to_tensor(pixels)))
+            latents = encode_latents(self.vae, pixels_to_tensor(pixels)).cpu()  # one device-to-host copy per batch
+            put(rows, kind, [{"latents": z} for z in latents])
         pixel_values = torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows]))
         grid = torch.from_numpy(np.stack([r["vl_grid"] for r in rows]))
         captions = [r["caption"] for r in rows]
-        embeds, blank = encode_prompt_inputs(self.text_encoder, self.tokenizer, captions, pixel_values, grid, self.merge_size, self.plan.blank)
-        put(rows, "text", embeds)
-        if blank is not None:
-            put(rows, "blank", blank)
+        states = encode_prompt_states(self.text_encoder, self.tokenizer, captions, pixel_values, grid, self.merge_size,
+                                      self.plan.blank).cpu()
+        put(rows, "text", [states.compact(i) for i in range(len(rows))])
+        if states.blank is not None:
+            put(rows, "blank", [states.compact_blank(i) for i in range(len(rows))])
 
 
-EMPTY_ENCODED = {"bytes": b"", "shape": "[]", "dtype": ""}
+def put(rows: list[dict[str, Any]], kind: str, entries: list[dict[str, torch.Tensor]]) -> None:
+    for row, tensors in zip(rows, entries):
+        row[f"{kind}_tensors"] = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
 
 
-def put(rows: list[dict[str, Any]], kind: str, batch: torch.Tensor) -> None:
-    for row, tensor in zip(rows, batch.cpu()):  # one device-to-host copy per batch
-        row[f"{kind}_bytes"], row[f"{kind}_shape"], row[f"{kind}_dtype"] = tensor_to_bytes(tensor)
-
-
-def row_tensor(row: dict[str, Any], kind: str) -> torch.Tensor:
-    return tensor_from_bytes(row[f"{kind}_bytes"], row[f"{kind}_shape"], row[f"{kind}_dtype"])
+def entry_tensor(kind: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An entry's tensors -> what training consumes: latents [16, h/8, w/8] or prompt embeds [L, d]."""
+    return tensors["latents"] if kind in ("edit", "ref") else expand_compact(tensors)
 
 
 # ---- stage 3 (CPU tasks): write --------------------------------------------------------------------
@@ -368,15 +367,12 @@ def write_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list
     for row in batch_rows(batch):
         missing, urls, written = json.loads(row["missing"]), json.loads(row["urls"]), 0
         for kind in missing:
-            data = serialize_entry({TENSOR_NAMES[kind]: row_tensor(row, kind)}, row["sample_id"])
+            data = serialize_entry(load_safetensors(row[f"{kind}_tensors"]), row["sample_id"])
             fs, path = filesystem(urls[kind], entry_options(kind, row, plan))
             write_bytes_atomic(fs, path, data)
             written += len(data)
         out.append(dict(sample_id=row["sample_id"], bytes_written=written, cache_bytes=written + int(row["valid_bytes"])))
     return columns(out)
-
-
-TENSOR_NAMES = {"edit": "latents", "ref": "latents", "text": "prompt_embeds", "blank": "prompt_embeds"}
 
 
 def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:

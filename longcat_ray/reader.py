@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from longcat_ray.arrays import tensor_from_bytes, tensor_to_bytes
-from longcat_ray.cache import STREAM_KEYS, CachePlan, load_entry
-from longcat_ray.cache import TENSOR_NAMES as TENSOR_KINDS
+from longcat_ray.cache import ENTRY_KINDS, STREAM_KEYS, CachePlan, entry_tensor, load_entry
 
 
 
@@ -68,7 +67,7 @@ def load_batch(row: dict[str, Any], options: dict[str, dict[str, Any]]) -> dict[
     """A planned batch (sample ids + entry URLs) -> stacked arrays per kind."""
     members = json.loads(row["members"])
     out: dict[str, Any] = {"index": row["index"], "sample_ids": json.dumps([m["sample_id"] for m in members])}
-    for kind, name in TENSOR_KINDS.items():
+    for kind in ENTRY_KINDS:
         if kind not in members[0]["entries"]:
             continue
         tensors = []
@@ -76,7 +75,7 @@ def load_batch(row: dict[str, Any], options: dict[str, dict[str, Any]]) -> dict[
             entry = load_entry(member["entries"][kind], options[kind_options_key(kind, member)])
             if entry is None:
                 raise RuntimeError(f"cache entry {member['entries'][kind]} is missing or corrupt: re-run `longcat-ray cache`")
-            tensors.append(entry[name])
+            tensors.append(entry_tensor(kind, entry))
         out[f"{kind}_bytes"], out[f"{kind}_shape"], out[f"{kind}_dtype"] = tensor_to_bytes(torch.stack(tensors))
     return out
 
@@ -100,7 +99,7 @@ def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A row of `shard_dataset` -> torch tensors per kind (edit/ref latents, text/blank embeddings)."""
     return {
         kind: tensor_from_bytes(row[f"{kind}_bytes"], row[f"{kind}_shape"], row[f"{kind}_dtype"])
-        for kind in TENSOR_KINDS
+        for kind in ENTRY_KINDS
         if f"{kind}_bytes" in row
     }
 
@@ -127,11 +126,13 @@ def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder
 
 def group_encoded(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
     """The encoder's rows, in plan order -> (sample ids, stacked tensors per kind), one per planned batch."""
+    from safetensors.torch import load as load_safetensors
+
     for _, members in itertools.groupby(rows, key=lambda row: row["batch_index"]):
         members = list(members)
         tensors = {
-            kind: torch.stack([tensor_from_bytes(m[f"{kind}_bytes"], m[f"{kind}_shape"], m[f"{kind}_dtype"]) for m in members])
-            for kind in TENSOR_KINDS
-            if members[0][f"{kind}_bytes"]
+            kind: torch.stack([entry_tensor(kind, load_safetensors(m[f"{kind}_tensors"])) for m in members])
+            for kind in ENTRY_KINDS
+            if members[0][f"{kind}_tensors"]
         }
         yield [m["sample_id"] for m in members], tensors

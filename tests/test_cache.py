@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from longcat_ray.buckets import fit_to_bucket
-from longcat_ray.cache import build_cache, make_plan, read_manifest
+from longcat_ray.cache import build_cache, load_entry, make_plan, read_manifest
 from longcat_ray.config import load_config
 from longcat_ray.model.latents import encode_latents, image_to_tensor
-from longcat_ray.model.prompt import encode_prompts, pipeline_prompt_encoder, vl_image
+from longcat_ray.model.prompt import MAX_INSTRUCTION_TOKENS, encode_prompts, pipeline_prompt_encoder, vl_image
 from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
 from longcat_ray.storage import filesystem
 
@@ -78,6 +78,10 @@ def test_cache_build_reuse_and_exact_invalidation(ray_local, data, tiny_pipe):
     torch.testing.assert_close(got["text"][0], expected, atol=1e-4, rtol=1e-4)
     blank = encode_prompts(*pipeline_prompt_encoder(tiny_pipe), [""], [vl])[0]
     torch.testing.assert_close(got["blank"][0], blank, atol=1e-4, rtol=1e-4)
+    # stored compactly: each distinct row once (the 512 instruction slots are mostly one pad state)
+    stored = load_entry(entry_url(config, sample["sample_id"], "text"), {})
+    assert stored["prompt_embeds"].shape[0] < expected.shape[0] - MAX_INSTRUCTION_TOKENS + 64
+    assert load_entry(entry_url(config, sample["sample_id"], "blank"), {})["prompt_embeds"].shape[0] == expected.shape[0] - MAX_INSTRUCTION_TOKENS + 1
 
     # one changed image -> one pair; a changed caption -> only its text entry; damaged entries -> re-encoded
     image = Image.open(root / "data" / "edits" / "pair_0003.png")

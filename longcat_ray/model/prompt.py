@@ -15,6 +15,8 @@ Two differences from running the pipeline's code on transformers >= 5.15, both d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import split_quotation
 from PIL import Image
@@ -31,7 +33,7 @@ SYSTEM_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_TOKEN = "<|image_pad|>"
 MAX_INSTRUCTION_TOKENS = 512
 # Part of every cached text entry's key: a change to how prompts are encoded re-encodes the text cache.
-PROMPT_ENCODING = "mrope-4x-pads1"
+PROMPT_ENCODING = "mrope-4x-pads1-compact"
 PAD_POSITION = 1  # transformers 4.x's position id for padded tokens (get_rope_index starts from ones)
 
 
@@ -101,18 +103,72 @@ def rope_positions(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: 
     return positions
 
 
-def expand_padding(hidden: torch.Tensor, mask: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-    """Instruction slots encoded with few pads -> the same slots with the full padding.
+def padding_slots(mask: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
+    """Where each instruction slot of the full padding takes its state from, in an encoding with few pads.
 
-    hidden [b, P, d] with mask [b, P] -> [b, F, d] laid out as full_mask [b, F]: the k-th unmasked slot takes
-    the k-th unmasked row of hidden, every masked slot takes the row's first masked (pad) hidden state.
+    mask [b, P] (few pads), full_mask [b, F] -> index [b, F] into P: the k-th unmasked slot takes the k-th
+    unmasked position, every masked slot the row's first masked (pad) position.
     """
     index = torch.zeros(full_mask.shape, dtype=torch.long)
     for row, (short, full) in enumerate(zip(mask.bool(), full_mask.bool())):
         index[row, full] = short.nonzero().flatten()
         if (~full).any():
             index[row, ~full] = int((~short).nonzero()[0])
-    return hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+    return index
+
+
+def expand_padding(hidden: torch.Tensor, mask: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
+    """hidden [b, P, d] encoded with mask [b, P] -> [b, F, d] laid out as full_mask (see padding_slots)."""
+    return gather_rows(hidden, padding_slots(mask, full_mask))
+
+
+def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows [b, P, d], index [b, F] -> [b, F, d]."""
+    return rows.gather(1, index.to(rows.device)[..., None].expand(-1, -1, rows.shape[-1]))
+
+
+@dataclass(kw_only=True)
+class PromptStates:
+    """A bucket's prompt embeddings as encoded, before the instruction slots are expanded to 512.
+
+    The cache stores them compactly (`compact`): the DiT consumes 512 instruction slots, most of them copies of
+    one pad state, so an entry holds each distinct row once plus the slot -> row index (`expand_compact`).
+    """
+
+    head: torch.Tensor  # [b, vision tokens + 2, d]: <|vision_start|> ... <|vision_end|>
+    rest: torch.Tensor  # [b, P, d]: the instruction positions as encoded
+    slots: torch.Tensor  # [b, 512]: the `rest` row of each instruction slot
+    blank: torch.Tensor | None  # [b, 1, d]: the empty instruction's pad state (all its 512 slots), if encoded
+
+    def cpu(self) -> PromptStates:
+        blank = self.blank.cpu() if self.blank is not None else None
+        return PromptStates(head=self.head.cpu(), rest=self.rest.cpu(), slots=self.slots.cpu(), blank=blank)
+
+    def embeds(self) -> torch.Tensor:
+        """[b, vision tokens + 2 + 512, d], as the pipeline's encode_prompt returns."""
+        return torch.cat([self.head, gather_rows(self.rest, self.slots)], dim=1)
+
+    def blank_embeds(self) -> torch.Tensor | None:
+        if self.blank is None:
+            return None
+        return torch.cat([self.head, self.blank.expand(-1, MAX_INSTRUCTION_TOKENS, -1)], dim=1)
+
+    def compact(self, i: int) -> dict[str, torch.Tensor]:
+        """Sample i -> {"prompt_embeds": [vision tokens + 2 + u, d], "prompt_slots": [512]} (u distinct rows)."""
+        used, slots = torch.unique(self.slots[i], return_inverse=True)
+        return {"prompt_embeds": torch.cat([self.head[i], self.rest[i, used.to(self.rest.device)]]), "prompt_slots": slots.int()}
+
+    def compact_blank(self, i: int) -> dict[str, torch.Tensor]:
+        assert self.blank is not None
+        slots = torch.zeros(MAX_INSTRUCTION_TOKENS, dtype=torch.int32)
+        return {"prompt_embeds": torch.cat([self.head[i], self.blank[i]]), "prompt_slots": slots}
+
+
+def expand_compact(entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A compact prompt entry (PromptStates.compact) -> its embedding [vision tokens + 2 + 512, d]."""
+    rows, slots = entry["prompt_embeds"], entry["prompt_slots"].long()
+    distinct = int(slots.max()) + 1
+    return torch.cat([rows[:-distinct], rows[-distinct:][slots.to(rows.device)]])
 
 
 def pipeline_prompt_encoder(pipe) -> tuple:
@@ -132,7 +188,7 @@ def prepare_vision(image_processor, vl_images: list[Image.Image]) -> tuple[torch
 
 
 @torch.no_grad()
-def encode_prompt_inputs(
+def encode_prompt_states(
     text_encoder,
     tokenizer,
     instructions: list[str],
@@ -140,9 +196,9 @@ def encode_prompt_inputs(
     grid_thw: torch.Tensor,
     merge_size: int,
     blank: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Instructions + prepared VL inputs of one bucket -> (prompt embeddings [b, vision tokens + 2 + 512, d],
-    with `blank` the embeddings of ("", same reference) [b, same, d], else None).
+) -> PromptStates:
+    """Instructions + prepared VL inputs of one bucket -> their PromptStates (with `blank`, also the states of
+    ("", same reference)).
 
     The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix. One causal
     forward gives all of it: the suffix is left out (nothing before it depends on it); the instructions are
@@ -159,12 +215,22 @@ def encode_prompt_inputs(
         ids = torch.cat([ids[:, :head], torch.full_like(ids[:, :1], tokenizer.pad_token_id), ids[:, head:]], dim=1)
         mask = torch.cat([mask[:, :head], torch.zeros_like(mask[:, :1]), mask[:, head:]], dim=1)
     hidden = run_language_model(text_encoder, ids, mask, pixel_values, grid_thw, merge_size)
-    vision, rest = hidden[:, start:head], hidden[:, head + blank :]
     _, full_mask, _, _ = build_prompt_inputs(tokenizer, tokens, image_tokens)
-    embeds = torch.cat([vision, expand_padding(rest, mask[:, head + blank :], full_mask[:, head:-suffix_len])], dim=1)
-    if not blank:
-        return embeds, None
-    return embeds, torch.cat([vision, hidden[:, head : head + 1].expand(-1, MAX_INSTRUCTION_TOKENS, -1)], dim=1)
+    return PromptStates(
+        head=hidden[:, start:head],
+        rest=hidden[:, head + blank :],
+        slots=padding_slots(mask[:, head + blank :], full_mask[:, head:-suffix_len]),
+        blank=hidden[:, head : head + 1] if blank else None,
+    )
+
+
+def encode_prompt_inputs(
+    text_encoder, tokenizer, instructions: list[str], pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge_size: int,
+    blank: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (prompt embeddings [b, vision tokens + 2 + 512, d], blank embeddings [b, same, d] or None)."""
+    states = encode_prompt_states(text_encoder, tokenizer, instructions, pixel_values, grid_thw, merge_size, blank)
+    return states.embeds(), states.blank_embeds()
 
 
 def run_language_model(text_encoder, ids: torch.Tensor, mask: torch.Tensor, pixel_values, grid_thw, merge_size: int) -> torch.Tensor:
