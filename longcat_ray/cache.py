@@ -51,8 +51,8 @@ class CachePlan:
     vae_fp: str
     text_fp: str
     batch_size: int = 8
-    compile: bool = False
-    """torch.compile the VAE encoder (GPU actors only)."""
+    compile: bool | None = None
+    """torch.compile the VAE encoder (GPU actors only); None: when an actor has AUTO_COMPILE_PAIRS to encode."""
 
 
 @dataclass(kw_only=True)
@@ -302,20 +302,29 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     )
 
 
+# Where compiling the VAE pays for its warm-up (~1 min): 20 -> 30 pairs/s saves ~1/60 s per pair (RESULTS.md).
+AUTO_COMPILE_PAIRS = 5000
+
+
+def should_compile(plan: CachePlan, pairs: int, actors: int) -> bool:
+    return plan.compile if plan.compile is not None else pairs / max(1, actors) >= AUTO_COMPILE_PAIRS
+
+
 def speed_up_encoders(parts: EncoderComponents, compile: bool = False) -> EncoderComponents:
     """With `compile`, on a GPU: the VAE encoder compiled, which fuses the group norms and activations between
-    its convs (8.8 vs 14.4 ms per 768² image on an H100; channels-last layout gains nothing: RESULTS.md)."""
+    its convs (8.5 vs 14.3 ms per 768² image on an H100; channels-last layout gains nothing: RESULTS.md).
+    Shapes are dynamic after the first change, so new buckets and batch sizes do not each recompile."""
     if compile and parts.vae.device.type == "cuda":
-        parts.vae.encoder.compile(dynamic=False)
+        parts.vae.encoder.compile()
     return parts
 
 
 class CacheEncoder:
     """Ray Data actor: holds the VAE and the VL text encoder; encodes every row that misses an entry."""
 
-    def __init__(self, plan: CachePlan, factory: Callable[[], EncoderComponents] | None = None):
+    def __init__(self, plan: CachePlan, factory: Callable[[], EncoderComponents] | None = None, compile: bool = False):
         self.plan = plan
-        parts = speed_up_encoders(factory() if factory else load_encoder_components(plan.model, plan.revision), plan.compile)
+        parts = speed_up_encoders(factory() if factory else load_encoder_components(plan.model, plan.revision), compile)
         self.vae, self.text_encoder = parts.vae, parts.text_encoder
         self.tokenizer, self.merge_size = parts.tokenizer, parts.image_processor.merge_size
 
@@ -424,13 +433,14 @@ def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | N
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = workers or max(1, gpus)
     prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage(plan))
     # Distinct resource asks keep Ray Data from fusing the CPU stages into the encoder actor, so decoding and
     # writing run on every CPU of the cluster while the GPUs encode.
     encoded = prepared.map_batches(
         CacheEncoder,
-        fn_constructor_kwargs={"plan": plan, "factory": factory},
-        compute=ray.data.ActorPoolStrategy(size=workers or max(1, gpus)),
+        fn_constructor_kwargs={"plan": plan, "factory": factory, "compile": should_compile(plan, len(rows), actors)},
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
         num_cpus=1 if gpus else 0.5,
         batch_size=plan.batch_size,

@@ -206,8 +206,9 @@ class DataConfig(Section):
     """Pairs per encoder call in the cache stage (grouped by bucket inside)."""
     cache_workers: int | None = Field(None, ge=1)
     """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
-    cache_compile: bool = False
-    """torch.compile the VAE encoder in the cache stage's GPU actors (faster; a warm-up per bucket shape)."""
+    cache_compile: bool | None = None
+    """torch.compile the VAE encoder in the cache stage's GPU actors: ~1.6x faster VAE after a ~1 min warm-up.
+    Default (null): on when an actor has at least 5,000 pairs to encode."""
     cache_streaming: bool = False
     """Encode while training instead of caching (datasets too large to cache): each training worker streams its
     batches through Ray Data from its own encoder actor; only the validation pairs are cached."""

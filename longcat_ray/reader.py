@@ -109,14 +109,14 @@ def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder
     CPU tasks decode and fit the images; the rank's own encoder actor (the cache stage's) encodes them."""
     import ray
 
-    from longcat_ray.cache import CacheEncoder, cpu_stage, prepare_batch
+    from longcat_ray.cache import CacheEncoder, cpu_stage, prepare_batch, should_compile
 
     rows = [{**{k: m[k] for k in STREAM_KEYS}, "batch_index": i} for i, b in enumerate(batches) if i >= start for m in b]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage(plan))
     return prepared.map_batches(
         CacheEncoder,
-        fn_constructor_kwargs={"plan": plan},
+        fn_constructor_kwargs={"plan": plan, "compile": should_compile(plan, len(rows), 1)},
         compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=encoder_gpus,
         num_cpus=0 if encoder_gpus else 0.5,
