@@ -180,7 +180,11 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
     captions = list(prepared["caption"])
     per_pair = lambda seconds: round(1000 * seconds / batch, 2)  # noqa: E731
     out = {"batch": batch}
-    vae_call = lambda: encode_latents(vae, pixels_to_tensor(edit))  # noqa: E731
+    def vae_call():
+        pixels = pixels_to_tensor(edit)
+        torch._dynamo.maybe_mark_dynamic(pixels, 0)  # as CacheEncoder does
+        return encode_latents(vae, pixels)
+
     out["vae_one_image_ms_nchw"] = per_pair(timed(vae_call))
     if DEVICE == "cuda":
         out["vae_one_image_ms_nchw_compiled"] = per_pair(timed_compiled(vae, vae_call))

@@ -344,8 +344,9 @@ class CacheEncoder:
         """Encode a same-bucket group in place: per kind, the entry's tensors as a safetensors blob."""
         device = self.vae.device
         for kind in ("edit", "ref"):
-            pixels = torch.from_numpy(np.stack([r[f"{kind}_pixels"] for r in rows])).to(device)
-            latents = encode_latents(self.vae, pixels_to_tensor(pixels)).cpu()  # one device-to-host copy per batch
+            pixels = pixels_to_tensor(torch.from_numpy(np.stack([r[f"{kind}_pixels"] for r in rows])).to(device))
+            torch._dynamo.maybe_mark_dynamic(pixels, 0)  # a compiled VAE: one graph for every batch size
+            latents = encode_latents(self.vae, pixels).cpu()  # one device-to-host copy per batch
             put(rows, kind, [{"latents": z} for z in latents])
         pixel_values = torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows]))
         grid = torch.from_numpy(np.stack([r["vl_grid"] for r in rows]))
