@@ -230,6 +230,7 @@ def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path, comp
         stamps.append((time.perf_counter(), len(out["sample_id"])))
         written += int(sum(out["bytes_written"]))
     rate = sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+    print(json.dumps({"pipeline_batches": [[round(t - stamps[0][0], 1), n] for t, n in stamps]}), flush=True)
     return rate, written / len(rows) / 2**20
 
 
