@@ -38,7 +38,7 @@ from longcat_ray.cache import (
 )
 from longcat_ray.model.latents import encode_latents, pixels_to_tensor
 from longcat_ray.model.prompt import build_prompt_inputs, encode_prompt_inputs, rope_positions, tokenize_instruction
-from longcat_ray.model.vision import pack_vision_attention
+from longcat_ray.model.vision import pack_vision_attention, speed_up_vision
 from longcat_ray.tiny import SPECIAL_TOKENS, build_tiny_tokenizer, draw_reference
 
 
@@ -55,7 +55,7 @@ def tiny_components() -> EncoderComponents:
     from longcat_ray.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(0)
-    pack_vision_attention(pipe.text_encoder)
+    pack_vision_attention(pipe.text_encoder)  # measure_components pads the MLPs after timing them as they are
     return EncoderComponents(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                              image_processor=pipe.text_processor.image_processor)
 
@@ -85,7 +85,7 @@ def full_size_components() -> EncoderComponents:
             use_post_quant_conv=False,
         ).to(torch.bfloat16).eval()
         text_encoder = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).eval()
-    pack_vision_attention(text_encoder)  # as load_encoder_components does
+    pack_vision_attention(text_encoder)  # measure_components pads the MLPs after timing them as they are
     return EncoderComponents(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_processor=Qwen2VLImageProcessor())
 
 
@@ -201,7 +201,11 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
     out["vision_tower_stock_ms"] = per_pair(timed(tower))
     for block, forward in packed.items():
         block.attn.forward = forward
-    out["vision_packed_vs_stock_max_abs_diff"] = round(float((tower() - stock).abs().max()), 4)
+    packed_out = tower()
+    out["vision_packed_vs_stock_max_abs_diff"] = round(float((packed_out - stock).abs().max()), 4)
+    speed_up_vision(te)  # + MLP width padded, as load_encoder_components does
+    out["vision_tower_mlp_padded_ms"] = per_pair(timed(tower))
+    out["vision_mlp_padded_vs_not_max_abs_diff"] = round(float((tower() - packed_out).abs().max()), 4)
     after = lambda: encode_prompt_inputs(te, tok, captions, pixels, grid, 2)  # noqa: E731
     out["text_ms"] = per_pair(timed(after))
     before = lambda: text_before(te, tok, captions, pixels, grid)  # noqa: E731
@@ -217,6 +221,29 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
     compact = after()[0]
     out["compact_vs_full_max_abs_diff"] = round(float((compact - full).abs().max()), 4)
     out["embedding_abs_mean"] = round(float(full.abs().float().mean()), 4)
+    return out
+
+
+def profile_components(components: EncoderComponents, rows: list[dict], batch: int, root: Path) -> dict:
+    """Top CUDA-time ops of the vision tower and of the VAE encoder at one batch (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prepared = prepared_batch(rows, batch, root)
+    pixels = torch.from_numpy(np.concatenate(prepared["vl_pixels"])).to(DEVICE)
+    grid = torch.from_numpy(np.stack(prepared["vl_grid"])).to(DEVICE)
+    edit = pixels_to_tensor(torch.from_numpy(np.stack(prepared["edit_pixels"])).to(DEVICE))
+    te, vae = components.text_encoder, components.vae
+    out = {}
+    for name, fn in (("vision", lambda: te.model.visual(pixels, grid_thw=grid)), ("vae", lambda: encode_latents(vae, edit))):
+        with torch.no_grad():
+            fn()
+            sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=15)
+        print(f"== {name}\n{table}", flush=True)
+        out[name] = table
     return out
 
 
@@ -259,6 +286,8 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8,16")
     parser.add_argument("--compile", default="0,1", help="GPU-stage rows without (0) and with (1) cache_compile")
     parser.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: the tiny preset on the CPU (a smoke run)")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of the vision tower and the VAE, then stop")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cache_throughput.json"))
     args = parser.parse_args()
     import ray
@@ -272,6 +301,10 @@ def main() -> None:
     results = {"card": card, "size": args.size, "pairs": args.pairs, "resolution": "768x768"}
     factory = full_size_components if args.size == "full" else tiny_components
     components = factory()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.profile:
+        Path(args.out).write_text(json.dumps(profile_components(components, rows, max(batches), root), indent=2))
+        return
     results["components"] = measure_components(components, rows, max(batches), root)
     print(json.dumps(results["components"]), flush=True)
     speed_up_encoders(components)

@@ -27,7 +27,7 @@ from longcat_ray.buckets import fit_to_bucket
 from longcat_ray.config import Config
 from longcat_ray.model.latents import encode_latents, pixels_to_tensor
 from longcat_ray.model.prompt import PROMPT_ENCODING, encode_prompt_states, expand_compact, prepare_vision, vl_image
-from longcat_ray.model.vision import pack_vision_attention
+from longcat_ray.model.vision import speed_up_vision
 from longcat_ray.pairs import decode_image, read_bytes
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
 
@@ -293,7 +293,7 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device).eval()
     text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype)
-    pack_vision_attention(text_encoder)
+    speed_up_vision(text_encoder)
     return EncoderComponents(
         vae=vae,
         text_encoder=text_encoder.to(device).eval(),
@@ -342,17 +342,19 @@ class CacheEncoder:
     @torch.no_grad()
     def encode_group(self, rows: list[dict[str, Any]]) -> None:
         """Encode a same-bucket group in place: per kind, the entry's tensors as a safetensors blob."""
-        device = self.vae.device
+        device, latents = self.vae.device, {}
         for kind in ("edit", "ref"):
             pixels = pixels_to_tensor(torch.from_numpy(np.stack([r[f"{kind}_pixels"] for r in rows])).to(device))
             torch._dynamo.maybe_mark_dynamic(pixels, 0)  # a compiled VAE: one graph for every batch size
-            latents = encode_latents(self.vae, pixels).cpu()  # one device-to-host copy per batch
-            put(rows, kind, [{"latents": z} for z in latents])
+            latents[kind] = encode_latents(self.vae, pixels)
+        # Launched, not waited for: the prompt inputs are built on the CPU while the GPU runs the VAE.
         pixel_values = torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows]))
         grid = torch.from_numpy(np.stack([r["vl_grid"] for r in rows]))
         captions = [r["caption"] for r in rows]
         states = encode_prompt_states(self.text_encoder, self.tokenizer, captions, pixel_values, grid, self.merge_size,
                                       self.plan.blank).cpu()
+        for kind, batch in latents.items():
+            put(rows, kind, [{"latents": z} for z in batch.cpu()])  # one device-to-host copy per batch
         put(rows, "text", [states.compact(i) for i in range(len(rows))])
         if states.blank is not None:
             put(rows, "blank", [states.compact_blank(i) for i in range(len(rows))])
@@ -441,7 +443,8 @@ def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | N
     encoded = prepared.map_batches(
         CacheEncoder,
         fn_constructor_kwargs={"plan": plan, "factory": factory, "compile": should_compile(plan, len(rows), actors)},
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # two calls in flight per actor: Ray batches and (de)serialises one while the encoders run the other
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2),
         num_gpus=1 if gpus else 0,
         num_cpus=1 if gpus else 0.5,
         batch_size=plan.batch_size,

@@ -26,7 +26,7 @@ from longcat_ray.model.latents import (
     unpack_latents,
 )
 from longcat_ray.model.prompt import encode_prompts, pipeline_prompt_encoder, vl_image
-from longcat_ray.model.vision import pack_vision_attention
+from longcat_ray.model.vision import speed_up_vision
 
 LATENT_CHANNELS = 16
 
@@ -65,7 +65,7 @@ def load_pipeline(name_or_path: str, device: str | torch.device | None = None, d
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = LongCatImageEditPipeline.from_pretrained(name_or_path, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    pack_vision_attention(pipe.text_encoder)
+    speed_up_vision(pipe.text_encoder)
     return pipe.to(device)
 
 

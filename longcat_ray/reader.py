@@ -117,7 +117,7 @@ def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder
     return prepared.map_batches(
         CacheEncoder,
         fn_constructor_kwargs={"plan": plan, "compile": should_compile(plan, len(rows), 1)},
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=2),
         num_gpus=encoder_gpus,
         num_cpus=0 if encoder_gpus else 0.5,
         batch_size=plan.batch_size,

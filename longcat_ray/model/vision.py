@@ -1,9 +1,11 @@
-"""Qwen2.5-VL's vision tower with its windowed attention in one kernel call per layer.
+"""Qwen2.5-VL's vision tower, made faster without changing its maths.
 
-The tower attends within windows of 8x8 patches (28 of its 32 layers) and within each image (the other 4).
-Without flash-attention's varlen kernel, transformers runs one SDPA call per window: at 768² a batch of 16
-references is 256 windows, i.e. ~7,000 small calls per forward. `packed_attention` pads the windows to one
-length and runs them as one batched SDPA call with a key mask: the same maths, a few calls per layer.
+- Attention: the tower attends within windows of 8x8 patches (28 of its 32 layers) and within each image (the
+  other 4). Without flash-attention's varlen kernel, transformers runs one SDPA call per window: at 768² a
+  batch of 16 references is 256 windows, ~7,000 small calls per forward. `packed_attention` pads the windows
+  to one length and runs them as one batched SDPA call with a key mask.
+- MLP width: 3420 is not a multiple of 64, which sends its matmuls to a slow kernel on an H100
+  (benchmarks/RESULTS.md). `pad_mlp` appends zero rows/columns: the padded units output exactly 0.
 """
 
 from __future__ import annotations
@@ -40,6 +42,43 @@ def packed_vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlen
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
     out = packed_attention(q, k, v, cu_seqlens, getattr(self, "scaling", self.head_dim**-0.5))
     return self.proj(out.reshape(seq, -1))
+
+
+def pad_mlp(mlp: torch.nn.Module, multiple: int) -> bool:
+    """Widen a gated MLP (gate_proj, up_proj, down_proj) to a multiple of `multiple` units with zero weights:
+    a padded unit's up projection is 0, so its product and its share of down_proj are exactly 0."""
+    width = mlp.up_proj.out_features
+    padded = -(-width // multiple) * multiple
+    if padded == width:
+        return False
+    for name in ("gate_proj", "up_proj"):
+        old = getattr(mlp, name)
+        new = torch.nn.Linear(old.in_features, padded, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:width] = old.weight
+            if old.bias is not None:
+                new.bias.zero_()
+                new.bias[:width] = old.bias
+        setattr(mlp, name, new.requires_grad_(old.weight.requires_grad))
+    old = mlp.down_proj
+    new = torch.nn.Linear(padded, old.out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :width] = old.weight
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    mlp.down_proj = new.requires_grad_(old.weight.requires_grad)
+    return True
+
+
+def speed_up_vision(text_encoder, mlp_multiple: int = 64) -> int:
+    """pack_vision_attention + pad_mlp on every block of a Qwen2.5-VL model's vision tower -> blocks changed."""
+    visual = getattr(getattr(text_encoder, "model", text_encoder), "visual", None)
+    if visual is None:
+        return 0
+    padded = sum(pad_mlp(block.mlp, mlp_multiple) for block in visual.blocks if hasattr(block.mlp, "up_proj"))
+    return max(padded, pack_vision_attention(text_encoder))
 
 
 def pack_vision_attention(text_encoder) -> int:

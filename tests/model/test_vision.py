@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_ray.model.prompt import prepare_vision, vl_image
-from longcat_ray.model.vision import pack_vision_attention, packed_attention
+from longcat_ray.model.vision import pack_vision_attention, packed_attention, pad_mlp
 from tests.conftest import reference_image
 
 
@@ -32,3 +32,14 @@ def test_packed_tower_equals_transformers(tiny, tiny_pipe):
     packed = pipe.text_encoder.model.visual(pixels, grid_thw=grid).pooler_output
     torch.testing.assert_close(packed, stock, atol=1e-5, rtol=1e-4)
     assert pack_vision_attention(pipe.text_encoder) == len(pipe.text_encoder.model.visual.blocks)
+
+
+def test_padded_mlp_is_the_same_function(tiny_pipe):
+    import copy
+
+    mlp = tiny_pipe.text_encoder.model.visual.blocks[0].mlp
+    wider = copy.deepcopy(mlp)
+    assert pad_mlp(wider, 48) and wider.up_proj.out_features == 96 > mlp.up_proj.out_features
+    assert not pad_mlp(wider, 48)
+    x = torch.randn(5, mlp.up_proj.in_features)
+    torch.testing.assert_close(wider(x), mlp(x), atol=1e-6, rtol=1e-5)
