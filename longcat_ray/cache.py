@@ -302,7 +302,7 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     )
 
 
-# Where compiling the VAE pays for its warm-up (~1 min): 20 -> 30 pairs/s saves ~1/60 s per pair (RESULTS.md).
+# Where compiling the VAE pays for its warm-up (~1 min): 20 -> 27.6 pairs/s saves ~14 ms per pair (RESULTS.md).
 AUTO_COMPILE_PAIRS = 5000
 
 
@@ -312,7 +312,7 @@ def should_compile(plan: CachePlan, pairs: int, actors: int) -> bool:
 
 def speed_up_encoders(parts: EncoderComponents, compile: bool = False) -> EncoderComponents:
     """With `compile`, on a GPU: the VAE encoder compiled, which fuses the group norms and activations between
-    its convs (8.5 vs 14.3 ms per 768² image on an H100; channels-last layout gains nothing: RESULTS.md).
+    its convs (8.7 vs 14.3 ms per 768² image on an H100; channels-last layout gains nothing: RESULTS.md).
     Shapes are dynamic after the first change, so new buckets and batch sizes do not each recompile."""
     if compile and parts.vae.device.type == "cuda":
         parts.vae.encoder.compile()

@@ -86,7 +86,8 @@ def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:
     rows = manifest_rows(pairs, plan, STREAM_KEYS)
     chosen = {m["sample_id"] for m in validation_pairs(rows, config)}
     summary = cache_pairs([p for p in pairs if p["sample_id"] in chosen], plan, progress=progress)
-    print(f"streaming {len(pairs)} pairs, {len(problems)} skipped {[str(p) for p in problems]}; validation pairs: {summary}")
+    skipped = "".join(f"\n  skipped: {p}" for p in problems)
+    print(f"streaming {len(pairs)} pairs ({len(problems)} skipped); validation pairs cached: {summary}{skipped}")
     return rows
 
 
