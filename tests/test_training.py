@@ -122,19 +122,6 @@ def test_zero3_export_equals_zero2(zero2, tiny, tmp_path):
         torch.testing.assert_close(three[key], two[key], atol=1e-4, rtol=1e-3)
 
 
-def test_resume_continues_the_stream_and_the_weights(zero2, tiny, tmp_path):
-    config, _ = zero2
-    first = train(tiny_config(tiny, tmp_path, max_train_steps=STEPS // 2), progress=False)
-    assert first.steps == STEPS // 2
-    second = train(tiny_config(tiny, tmp_path), progress=False)  # same command, longer: resumes at step 12
-    assert second.steps == STEPS
-    for rank in (0, 1):
-        assert samples_log(tmp_path, rank) == samples_log(config.train.output_dir, rank)
-    resumed, straight = load_file(os.path.join(tmp_path, LORA_FILE)), load_file(os.path.join(config.train.output_dir, LORA_FILE))
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=1e-4)
-
-
 def logged_losses(out) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -143,22 +130,31 @@ def logged_losses(out) -> dict[int, float]:
     return {event.step: event.value for event in events.Scalars("train/loss")}
 
 
-def test_streaming_trains_as_the_cache_does_and_caches_only_the_validation_pairs(zero2, tiny, tmp_path):
+def test_streamed_then_resumed_from_the_cache_trains_as_the_cache_alone(zero2, tiny, tmp_path):
+    """Steps 1-12 streamed (encoded on the fly, only the validation pairs cached), steps 13-24 resumed from the
+    checkpoint with the cache: the same samples, losses and final weights as the cached run without a stop."""
     cached, _ = zero2
-    config = tiny_config(tiny, tmp_path / "out", max_train_steps=5, checkpointing_steps=5)
-    config.data.cache_streaming = True
-    config.data.text_cache_dir = str(tmp_path / "cache" / "text")
-    for dataset in config.data.datasets:
-        dataset.cache_dir_vae = str(tmp_path / "cache" / dataset.id)
-    assert train(config, progress=False).steps == 5
+    streamed = tiny_config(tiny, tmp_path, max_train_steps=STEPS // 2)
+    streamed.data.cache_streaming = True
+    streamed.data.text_cache_dir = str(tmp_path / "stream-cache" / "text")
+    for dataset in streamed.data.datasets:
+        dataset.cache_dir_vae = str(tmp_path / "stream-cache" / dataset.id)
+    assert train(streamed, progress=False).steps == STEPS // 2
+    written = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "stream-cache").rglob("*.safetensors")}
+    first_two = sorted(read_manifest(cached), key=lambda m: m["sample_id"])[:2]
+    assert written == {m["sample_id"].replace("/", "__") for m in first_two}
+    first_losses = logged_losses(tmp_path)
+
+    second = train(tiny_config(tiny, tmp_path), progress=False)  # same command, longer: resumes at step 12
+    assert second.steps == STEPS
     for rank in (0, 1):
-        assert samples_log(tmp_path / "out", rank) == samples_log(cached.train.output_dir, rank)[:5]
-    streamed, from_cache = logged_losses(tmp_path / "out"), logged_losses(cached.train.output_dir)
-    assert streamed.keys() == {1, 5}
-    for step in streamed:
-        assert streamed[step] == pytest.approx(from_cache[step], rel=1e-4)
-    written = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "cache").rglob("*.safetensors")}
-    assert written == {m["sample_id"].replace("/", "__") for m in sorted(read_manifest(cached), key=lambda m: m["sample_id"])[:2]}
+        assert samples_log(tmp_path, rank) == samples_log(cached.train.output_dir, rank)
+    straight = logged_losses(cached.train.output_dir)
+    for step, loss in first_losses.items():
+        assert loss == pytest.approx(straight[step], rel=1e-4)
+    resumed, final = load_file(os.path.join(tmp_path, LORA_FILE)), load_file(os.path.join(cached.train.output_dir, LORA_FILE))
+    for key in final:
+        torch.testing.assert_close(resumed[key], final[key], atol=1e-5, rtol=1e-4)
 
 
 def training_workers() -> list[psutil.Process]:
