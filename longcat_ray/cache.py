@@ -302,7 +302,8 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     )
 
 
-# Where compiling the VAE pays for its warm-up (~1 min): 20 -> 27.6 pairs/s saves ~14 ms per pair (RESULTS.md).
+# Where compiling the VAE pays for its warm-up (not timed; a minute would be repaid by ~4,300 pairs): 20 -> 27.6 pairs/s
+# saves ~14 ms per pair (RESULTS.md).
 AUTO_COMPILE_PAIRS = 5000
 
 
@@ -436,20 +437,27 @@ def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | N
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = workers or max(1, gpus)
+    encoded = encoded_rows(rows, plan, workers or max(1, gpus), 1 if gpus else 0, factory)
+    return encoded.map_batches(write_batch, **cpu_stage(plan))
+
+
+def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_per_actor: float, factory=None):
+    """Stages 1-2, shared by the cache and the stream: CPU tasks prepare, `actors` CacheEncoders encode. The
+    rows come out with a safetensors blob per entry kind (`<kind>_tensors`), in order when the context keeps it."""
+    import ray
+
     prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage(plan))
     # Distinct resource asks keep Ray Data from fusing the CPU stages into the encoder actor, so decoding and
     # writing run on every CPU of the cluster while the GPUs encode.
-    encoded = prepared.map_batches(
+    return prepared.map_batches(
         CacheEncoder,
         fn_constructor_kwargs={"plan": plan, "factory": factory, "compile": should_compile(plan, len(rows), actors)},
         # two calls in flight per actor: Ray batches and (de)serialises one while the encoders run the other
         compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1 if gpus else 0.5,
+        num_gpus=gpus_per_actor,
+        num_cpus=1 if gpus_per_actor else 0.5,
         batch_size=plan.batch_size,
     )
-    return encoded.map_batches(write_batch, **cpu_stage(plan))
 
 
 MANIFEST_KEYS = ("sample_id", "dataset_id", "ref_dataset_id", "bucket_w", "bucket_h", "repeats", "caption")

@@ -207,7 +207,7 @@ class DataConfig(Section):
     cache_workers: int | None = Field(None, ge=1)
     """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
     cache_compile: bool | None = None
-    """torch.compile the VAE encoder in the cache stage's GPU actors: ~1.6x faster VAE after a ~1 min warm-up.
+    """torch.compile the VAE encoder in the cache stage's GPU actors: ~1.6x faster VAE after a compile warm-up.
     Default (null): on when an actor has at least 5,000 pairs to encode."""
     cache_streaming: bool = False
     """Encode while training instead of caching (datasets too large to cache): each training worker streams its

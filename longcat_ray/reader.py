@@ -109,19 +109,11 @@ def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder
     CPU tasks decode and fit the images; the rank's own encoder actor (the cache stage's) encodes them."""
     import ray
 
-    from longcat_ray.cache import CacheEncoder, cpu_stage, prepare_batch, should_compile
+    from longcat_ray.cache import encoded_rows
 
     rows = [{**{k: m[k] for k in STREAM_KEYS}, "batch_index": i} for i, b in enumerate(batches) if i >= start for m in b]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    prepared = ray.data.from_items(rows).map_batches(prepare_batch, **cpu_stage(plan))
-    return prepared.map_batches(
-        CacheEncoder,
-        fn_constructor_kwargs={"plan": plan, "compile": should_compile(plan, len(rows), 1)},
-        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=2),
-        num_gpus=encoder_gpus,
-        num_cpus=0 if encoder_gpus else 0.5,
-        batch_size=plan.batch_size,
-    )
+    return encoded_rows(rows, plan, actors=1, gpus_per_actor=encoder_gpus)
 
 
 def group_encoded(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:

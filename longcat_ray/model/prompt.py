@@ -60,6 +60,13 @@ def prompt_layout(tokenizer, image_tokens: int) -> tuple[list[int], list[int], i
     return prefix, suffix, prefix.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
 
 
+def pad_instructions(tokenizer, instruction_ids: list[list[int]], length: int) -> dict[str, torch.Tensor]:
+    """-> {"input_ids", "attention_mask"} [b, length], padded by the tokenizer's own `pad` (side and pad id)."""
+    return tokenizer.pad(
+        {"input_ids": instruction_ids}, max_length=length, padding="max_length", return_attention_mask=True, return_tensors="pt"
+    )
+
+
 def build_prompt_inputs(
     tokenizer, instruction_ids: list[list[int]], image_tokens: int, pad_to: int = MAX_INSTRUCTION_TOKENS
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -69,13 +76,7 @@ def build_prompt_inputs(
     tokenizer's own `pad` (its padding side and pad id), with a zero mask.
     """
     prefix, suffix, start = prompt_layout(tokenizer, image_tokens)
-    padded = tokenizer.pad(
-        {"input_ids": instruction_ids},
-        max_length=pad_to,
-        padding="max_length",
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
+    padded = pad_instructions(tokenizer, instruction_ids, pad_to)
     b = len(instruction_ids)
     prefix_ids, suffix_ids = torch.tensor([prefix] * b), torch.tensor([suffix] * b)
     input_ids = torch.cat([prefix_ids, padded["input_ids"], suffix_ids], dim=1)
@@ -115,11 +116,6 @@ def padding_slots(mask: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
         if (~full).any():
             index[row, ~full] = int((~short).nonzero()[0])
     return index
-
-
-def expand_padding(hidden: torch.Tensor, mask: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-    """hidden [b, P, d] encoded with mask [b, P] -> [b, F, d] laid out as full_mask (see padding_slots)."""
-    return gather_rows(hidden, padding_slots(mask, full_mask))
 
 
 def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -215,11 +211,11 @@ def encode_prompt_states(
         ids = torch.cat([ids[:, :head], torch.full_like(ids[:, :1], tokenizer.pad_token_id), ids[:, head:]], dim=1)
         mask = torch.cat([mask[:, :head], torch.zeros_like(mask[:, :1]), mask[:, head:]], dim=1)
     hidden = run_language_model(text_encoder, ids, mask, pixel_values, grid_thw, merge_size)
-    _, full_mask, _, _ = build_prompt_inputs(tokenizer, tokens, image_tokens)
+    full_mask = pad_instructions(tokenizer, tokens, MAX_INSTRUCTION_TOKENS)["attention_mask"]  # the pipeline's layout
     return PromptStates(
         head=hidden[:, start:head],
         rest=hidden[:, head + blank :],
-        slots=padding_slots(mask[:, head + blank :], full_mask[:, head:-suffix_len]),
+        slots=padding_slots(mask[:, head + blank :], full_mask),
         blank=hidden[:, head : head + 1] if blank else None,
     )
 

@@ -72,13 +72,15 @@ def pad_mlp(mlp: torch.nn.Module, multiple: int) -> bool:
     return True
 
 
-def speed_up_vision(text_encoder, mlp_multiple: int = 64) -> int:
-    """pack_vision_attention + pad_mlp on every block of a Qwen2.5-VL model's vision tower -> blocks changed."""
+def speed_up_vision(text_encoder, mlp_multiple: int = 64) -> None:
+    """pack_vision_attention + pad_mlp on every block of a Qwen2.5-VL model's vision tower."""
     visual = getattr(getattr(text_encoder, "model", text_encoder), "visual", None)
     if visual is None:
-        return 0
-    padded = sum(pad_mlp(block.mlp, mlp_multiple) for block in visual.blocks if hasattr(block.mlp, "up_proj"))
-    return max(padded, pack_vision_attention(text_encoder))
+        return
+    for block in visual.blocks:
+        if hasattr(block.mlp, "up_proj"):
+            pad_mlp(block.mlp, mlp_multiple)
+    pack_vision_attention(text_encoder)
 
 
 def pack_vision_attention(text_encoder) -> int:

@@ -15,7 +15,8 @@ from longcat_ray.model.prompt import (
     build_prompt_inputs,
     encode_prompt_inputs,
     encode_prompts,
-    expand_padding,
+    gather_rows,
+    padding_slots,
     pipeline_prompt_encoder,
     prepare_vision,
     rope_positions,
@@ -96,11 +97,11 @@ def test_positions_are_transformers_multimodal_rope_with_pads_at_one(tiny, tiny_
     assert len(set(ours[1, 0, image].tolist())) > 1  # the image spans a 2D grid, not a 1D run
 
 
-def test_expand_padding_keeps_real_slots_and_repeats_the_pad_state():
+def test_padding_slots_keep_real_slots_and_repeat_the_pad_state():
     hidden = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1)  # row 0: 2 real + 2 pads; row 1: left-padded
     short = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
     full = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
-    out = expand_padding(hidden, short, full)[..., 0]
+    out = gather_rows(hidden, padding_slots(short, full))[..., 0]
     assert out.tolist() == [[0, 1, 2, 2, 2, 2], [4, 4, 4, 5, 6, 7]]
 
 
