@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,17 @@ from safetensors.torch import save as save_safetensors
 from longcat_ray.buckets import fit_to_bucket
 from longcat_ray.config import Config
 from longcat_ray.model.latents import encode_latents, pixels_to_tensor
-from longcat_ray.model.prompt import PROMPT_ENCODING, encode_prompt_states, expand_compact, prepare_vision, vl_image
+from longcat_ray.model.prompt import (
+    PROMPT_ENCODING,
+    PromptBatch,
+    PromptStates,
+    encode_prompt_batch,
+    expand_compact,
+    prepare_vision,
+    prompt_batch,
+    vl_image,
+)
+from longcat_ray.model.vae_attention import use_wide_head_attention
 from longcat_ray.model.vision import speed_up_vision
 from longcat_ray.pairs import decode_image, read_bytes
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
@@ -302,8 +313,8 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     )
 
 
-# Where compiling the VAE pays for its warm-up (not timed; a minute would be repaid by ~4,300 pairs): 20 -> 27.6 pairs/s
-# saves ~14 ms per pair (RESULTS.md).
+# Where compiling pays for its warm-up (not timed; a minute would be repaid by ~4,300 pairs at the 14 ms per
+# pair the VAE's compile alone saves: RESULTS.md).
 AUTO_COMPILE_PAIRS = 5000
 
 
@@ -312,53 +323,91 @@ def should_compile(plan: CachePlan, pairs: int, actors: int) -> bool:
 
 
 def speed_up_encoders(parts: EncoderComponents, compile: bool = False) -> EncoderComponents:
-    """With `compile`, on a GPU: the VAE encoder compiled, which fuses the group norms and activations between
-    its convs (8.7 vs 14.3 ms per 768² image on an H100; channels-last layout gains nothing: RESULTS.md).
-    Shapes are dynamic after the first change, so new buckets and batch sizes do not each recompile."""
-    if compile and parts.vae.device.type == "cuda":
+    """On a GPU: the VAE encoder's attention as two matmuls (model/vae_attention.py) and, with `compile`, the
+    VAE encoder and the vision tower's blocks compiled, which fuses the norms and activations between their
+    matmuls and convs (measured per part in RESULTS.md; a channels-last VAE gains nothing). Shapes are dynamic
+    after the first change, so new buckets and batch sizes do not each recompile."""
+    if parts.vae.device.type != "cuda":
+        return parts
+    use_wide_head_attention(parts.vae)
+    if compile:
         parts.vae.encoder.compile()
+        for block in parts.text_encoder.model.visual.blocks:
+            block.compile(dynamic=True)
     return parts
 
 
+@dataclass(kw_only=True)
+class GroupInputs:
+    """One bucket's rows of a batch, with what the GPU needs, built on the CPU."""
+
+    rows: list[dict[str, Any]]
+    pixels: dict[str, torch.Tensor]  # "edit"/"ref" -> uint8 [b, h, w, 3], pinned on a GPU host
+    vl_pixels: torch.Tensor  # [b * patches, c * t * p * p] in the text encoder's dtype
+    grid: torch.Tensor  # [b, 3]
+    prompts: PromptBatch
+
+
 class CacheEncoder:
-    """Ray Data actor: holds the VAE and the VL text encoder; encodes every row that misses an entry."""
+    """Ray Data actor: holds the VAE and the VL text encoder; encodes every row that misses an entry.
+
+    Ray runs two calls at once on their own threads (`encoded_rows`); a lock lets one batch at a time onto the
+    GPU, so one call's CPU work (stacking and pinning pixels, tokens and positions before; compacting and
+    packing entries after) runs while the other's batch is on the GPU, and GPU memory holds one batch.
+    """
 
     def __init__(self, plan: CachePlan, factory: Callable[[], EncoderComponents] | None = None, compile: bool = False):
         self.plan = plan
         parts = speed_up_encoders(factory() if factory else load_encoder_components(plan.model, plan.revision), compile)
         self.vae, self.text_encoder = parts.vae, parts.text_encoder
         self.tokenizer, self.merge_size = parts.tokenizer, parts.image_processor.merge_size
+        self.gpu = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = batch_rows(batch)
         for row in rows:
             row.update({f"{kind}_tensors": b"" for kind in ENTRY_KINDS})
-        for group in group_by_bucket(rows).values():
-            self.encode_group(group)
+        groups = [self.group_inputs(group) for group in group_by_bucket(rows).values()]
+        with self.gpu:
+            encoded = [self.encode(group) for group in groups]
+        for group, (latents, states) in zip(groups, encoded):
+            for kind, batch_latents in latents.items():
+                put(group.rows, kind, [{"latents": z} for z in batch_latents])
+            put(group.rows, "text", [states.compact(i) for i in range(len(group.rows))])
+            if states.blank is not None:
+                put(group.rows, "blank", [states.compact_blank(i) for i in range(len(group.rows))])
         for row in rows:
             for key in ("edit_pixels", "ref_pixels", "vl_pixels", "vl_grid"):
                 del row[key]  # not needed downstream
         return columns(rows)
 
-    @torch.no_grad()
-    def encode_group(self, rows: list[dict[str, Any]]) -> None:
-        """Encode a same-bucket group in place: per kind, the entry's tensors as a safetensors blob."""
-        device, latents = self.vae.device, {}
-        for kind in ("edit", "ref"):
-            pixels = pixels_to_tensor(torch.from_numpy(np.stack([r[f"{kind}_pixels"] for r in rows])).to(device))
-            torch._dynamo.maybe_mark_dynamic(pixels, 0)  # a compiled VAE: one graph for every batch size
-            latents[kind] = encode_latents(self.vae, pixels)
-        # Launched, not waited for: the prompt inputs are built on the CPU while the GPU runs the VAE.
-        pixel_values = torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows]))
+    def host_tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        return tensor.pin_memory() if self.vae.device.type == "cuda" else tensor
+
+    def group_inputs(self, rows: list[dict[str, Any]]) -> GroupInputs:
         grid = torch.from_numpy(np.stack([r["vl_grid"] for r in rows]))
         captions = [r["caption"] for r in rows]
-        states = encode_prompt_states(self.text_encoder, self.tokenizer, captions, pixel_values, grid, self.merge_size,
-                                      self.plan.blank).cpu()
-        for kind, batch in latents.items():
-            put(rows, kind, [{"latents": z} for z in batch.cpu()])  # one device-to-host copy per batch
-        put(rows, "text", [states.compact(i) for i in range(len(rows))])
-        if states.blank is not None:
-            put(rows, "blank", [states.compact_blank(i) for i in range(len(rows))])
+        return GroupInputs(
+            rows=rows,
+            pixels={kind: self.host_tensor(np.stack([r[f"{kind}_pixels"] for r in rows])) for kind in ("edit", "ref")},
+            # the tower's first step casts to its dtype: done here, it halves the upload
+            vl_pixels=torch.from_numpy(np.concatenate([r["vl_pixels"] for r in rows])).to(self.text_encoder.dtype),
+            grid=grid,
+            prompts=prompt_batch(self.tokenizer, captions, grid, self.merge_size, self.text_encoder.config.image_token_id,
+                                 self.plan.blank),
+        )
+
+    @torch.no_grad()
+    def encode(self, group: GroupInputs) -> tuple[dict[str, torch.Tensor], PromptStates]:
+        """-> (edit and ref latents [b, 16, h/8, w/8], the prompt states), on the CPU."""
+        latents = {}
+        for kind, pixels in group.pixels.items():
+            pixels = pixels_to_tensor(pixels.to(self.vae.device, non_blocking=True))
+            torch._dynamo.maybe_mark_dynamic(pixels, 0)  # a compiled VAE: one graph for every batch size
+            latents[kind] = encode_latents(self.vae, pixels)
+        states = encode_prompt_batch(self.text_encoder, group.prompts, group.vl_pixels, group.grid)
+        return {kind: z.cpu() for kind, z in latents.items()}, states.cpu()
 
 
 def put(rows: list[dict[str, Any]], kind: str, entries: list[dict[str, torch.Tensor]]) -> None:
@@ -452,8 +501,8 @@ def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_
     return prepared.map_batches(
         CacheEncoder,
         fn_constructor_kwargs={"plan": plan, "factory": factory, "compile": should_compile(plan, len(rows), actors)},
-        # two calls in flight per actor: Ray batches and (de)serialises one while the encoders run the other
-        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2),
+        # two calls at once per actor, on two threads: one's CPU work runs while the other's batch is on the GPU
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         num_gpus=gpus_per_actor,
         num_cpus=1 if gpus_per_actor else 0.5,
         batch_size=plan.batch_size,

@@ -183,23 +183,29 @@ def prepare_vision(image_processor, vl_images: list[Image.Image]) -> tuple[torch
     return vision["pixel_values"], vision["image_grid_thw"]
 
 
-@torch.no_grad()
-def encode_prompt_states(
-    text_encoder,
-    tokenizer,
-    instructions: list[str],
-    pixel_values: torch.Tensor,
-    grid_thw: torch.Tensor,
-    merge_size: int,
-    blank: bool = False,
-) -> PromptStates:
-    """Instructions + prepared VL inputs of one bucket -> their PromptStates (with `blank`, also the states of
-    ("", same reference)).
+@dataclass(kw_only=True)
+class PromptBatch:
+    """The token side of one bucket's prompts, built on the CPU (`prompt_batch`); the GPU side is
+    `encode_prompt_batch`. Columns: the system prompt, <|vision_start|> at `start`, the image's tokens,
+    <|vision_end|>, (with `blank`, one masked pad), the instructions padded to the longest + 1; no suffix."""
 
-    The embedding is the last hidden state from <|vision_start|> up to (not including) the suffix. One causal
-    forward gives all of it: the suffix is left out (nothing before it depends on it); the instructions are
-    padded to the longest + 1 and expanded after (module docstring); the blank instruction's state is one more
-    masked pad right after the image, which sees the prefix alone, as every pad of an empty instruction does.
+    ids: torch.Tensor  # [b, L]
+    mask: torch.Tensor  # [b, L]
+    positions: torch.Tensor  # [3, b, L]: rope_positions
+    start: int  # column of <|vision_start|>: the embedding starts here
+    head: int  # first column after <|vision_end|>
+    blank: bool
+    slots: torch.Tensor  # [b, 512]: padding_slots of the instruction columns
+
+
+def prompt_batch(
+    tokenizer, instructions: list[str], grid_thw: torch.Tensor, merge_size: int, image_token_id: int, blank: bool = False
+) -> PromptBatch:
+    """Instructions + the VL images' patch grids (one bucket) -> their PromptBatch (CPU work only).
+
+    The suffix is left out (nothing before it depends on it); the instructions are padded to the longest + 1
+    and expanded after (module docstring); the blank instruction's state is one more masked pad right after
+    the image, which sees the prefix alone, as every pad of an empty instruction does.
     """
     image_tokens = int(grid_thw[0].prod()) // merge_size**2
     tokens = [tokenize_instruction(tokenizer, text) for text in instructions]
@@ -210,14 +216,44 @@ def encode_prompt_states(
     if blank:
         ids = torch.cat([ids[:, :head], torch.full_like(ids[:, :1], tokenizer.pad_token_id), ids[:, head:]], dim=1)
         mask = torch.cat([mask[:, :head], torch.zeros_like(mask[:, :1]), mask[:, head:]], dim=1)
-    hidden = run_language_model(text_encoder, ids, mask, pixel_values, grid_thw, merge_size)
     full_mask = pad_instructions(tokenizer, tokens, MAX_INSTRUCTION_TOKENS)["attention_mask"]  # the pipeline's layout
-    return PromptStates(
-        head=hidden[:, start:head],
-        rest=hidden[:, head + blank :],
+    return PromptBatch(
+        ids=ids,
+        mask=mask,
+        positions=rope_positions(ids, mask, image_token_id, grid_thw, merge_size),
+        start=start,
+        head=head,
+        blank=blank,
         slots=padding_slots(mask[:, head + blank :], full_mask),
-        blank=hidden[:, head : head + 1] if blank else None,
     )
+
+
+@torch.no_grad()
+def encode_prompt_batch(text_encoder, batch: PromptBatch, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> PromptStates:
+    """A PromptBatch + its prepared VL inputs -> PromptStates: the last hidden state from <|vision_start|> on."""
+    hidden = run_language_model(text_encoder, batch.ids, batch.mask, batch.positions, pixel_values, grid_thw, batch.start)
+    head = batch.head - batch.start  # hidden starts at <|vision_start|>
+    return PromptStates(
+        head=hidden[:, :head],
+        rest=hidden[:, head + batch.blank :],
+        slots=batch.slots,
+        blank=hidden[:, head : head + 1] if batch.blank else None,
+    )
+
+
+def encode_prompt_states(
+    text_encoder,
+    tokenizer,
+    instructions: list[str],
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    merge_size: int,
+    blank: bool = False,
+) -> PromptStates:
+    """Instructions + prepared VL inputs of one bucket -> their PromptStates (with `blank`, also the states of
+    ("", same reference)): prompt_batch, then encode_prompt_batch."""
+    batch = prompt_batch(tokenizer, instructions, grid_thw, merge_size, text_encoder.config.image_token_id, blank)
+    return encode_prompt_batch(text_encoder, batch, pixel_values, grid_thw)
 
 
 def encode_prompt_inputs(
@@ -229,18 +265,41 @@ def encode_prompt_inputs(
     return states.embeds(), states.blank_embeds()
 
 
-def run_language_model(text_encoder, ids: torch.Tensor, mask: torch.Tensor, pixel_values, grid_thw, merge_size: int) -> torch.Tensor:
-    """[b, L] ids + VL inputs -> last hidden states [b, L, d] (no LM head), with rope_positions."""
-    positions = rope_positions(ids, mask, text_encoder.config.image_token_id, grid_thw, merge_size)
-    device = text_encoder.device
-    output = text_encoder.model(
-        input_ids=ids.to(device),
+def shared_prefix(ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> int:
+    """[b, L] -> how many leading columns every row shares (same token, unmasked) before the first image token."""
+    same = (ids == ids[:1]).all(0) & mask.bool().all(0) & (ids[0] != image_token_id).int().cumprod(0).bool()
+    return int(same.int().cumprod(0).sum())
+
+
+def run_language_model(
+    text_encoder, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, pixel_values, grid_thw, first: int = 0
+) -> torch.Tensor:
+    """[b, L] ids, mask, [3, b, L] positions + VL inputs -> last hidden states [b, L - first, d] from column
+    `first` on (no LM head).
+
+    The system prompt before the image is the same tokens at the same positions in every row, and causal
+    attention makes its keys and values the same too: they are computed once, for one row, and shared by the
+    batch (a prefix cache), which saves a fifth of the language model's work at 768². Only its columns up to
+    `first`, whose states are not returned, are shared.
+    """
+    model, device = text_encoder.model, text_encoder.device
+    shared = min(first, shared_prefix(ids, mask, text_encoder.config.image_token_id))
+    cache = None
+    if shared:
+        cache = model.language_model(
+            input_ids=ids[:1, :shared].to(device), position_ids=positions[:, :1, :shared].to(device), use_cache=True
+        ).past_key_values
+        cache.batch_repeat_interleave(len(ids))
+    output = model(
+        input_ids=ids[:, shared:].to(device),
         attention_mask=mask.to(device),
-        position_ids=positions.to(device),
+        position_ids=positions[:, :, shared:].to(device),
+        past_key_values=cache,
+        use_cache=cache is not None,
         pixel_values=pixel_values.to(device),
         image_grid_thw=grid_thw.to(device),
     )
-    return output.last_hidden_state.detach()
+    return output.last_hidden_state[:, first - shared :].detach()
 
 
 def encode_prompts(

@@ -20,6 +20,7 @@ from longcat_ray.model.prompt import (
     pipeline_prompt_encoder,
     prepare_vision,
     rope_positions,
+    shared_prefix,
     tokenize_instruction,
     vl_image,
 )
@@ -124,3 +125,12 @@ def test_mixed_sizes_in_one_batch_are_refused(tiny, tiny_pipe):
     images = [vl_image(reference_image(tiny), 128, 96), vl_image(reference_image(tiny), 96, 128)]
     with pytest.raises(ValueError, match="one size"):
         encode_prompts(*pipeline_prompt_encoder(tiny_pipe), ["a", "b"], images)
+
+
+def test_shared_prefix_stops_at_the_first_difference_mask_or_image_token():
+    ids = torch.tensor([[5, 6, 7, 9, 9, 3], [5, 6, 7, 9, 9, 4]])
+    ones = torch.ones_like(ids)
+    assert shared_prefix(ids, ones, image_token_id=9) == 3  # the image's tokens differ in their embeddings
+    assert shared_prefix(ids, ones, image_token_id=100) == 5
+    assert shared_prefix(ids, torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]), image_token_id=100) == 2
+    assert shared_prefix(ids.flip(1), ones, image_token_id=100) == 0
