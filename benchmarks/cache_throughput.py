@@ -93,6 +93,17 @@ def full_size_components() -> EncoderComponents:
     return EncoderComponents(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_processor=Qwen2VLImageProcessor())
 
 
+def as_loaded(factory):
+    """`factory`'s components as load_encoder_components leaves them (the vision tower's MLP padded)."""
+
+    def load() -> EncoderComponents:
+        parts = factory()
+        speed_up_vision(parts.text_encoder)
+        return parts
+
+    return load
+
+
 def write_processor(folder: Path) -> None:
     """The pipeline folder's text_processor/ (the prepare stage loads the VL image processor from it)."""
     from longcat_ray.tiny import build_tiny_processor
@@ -220,9 +231,7 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
     per_pair = lambda seconds: round(1000 * seconds / batch, 2)  # noqa: E731
     out = {"batch": batch}
     def vae_call():
-        pixels = pixels_to_tensor(edit)
-        torch._dynamo.maybe_mark_dynamic(pixels, 0)  # as CacheEncoder does
-        return encode_latents(vae, pixels)
+        return encode_latents(vae, pixels_to_tensor(edit))
 
     out.update(measure_vae(vae, vae_call, edit, per_pair))
     tower = lambda: te.model.visual(pixels.to(DEVICE), grid_thw=grid.to(DEVICE)).pooler_output  # noqa: E731
@@ -260,6 +269,11 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
               pixel_values=pixels.to(DEVICE), image_grid_thw=grid.to(DEVICE), output_hidden_states=True).hidden_states[-1][:, start:-suffix]
     compact = after()[0]
     out["compact_vs_full_max_abs_diff"] = round(float((compact - full).abs().max()), 4)
+    out["compact_vs_full_mean_abs_diff"] = round(float((compact - full).abs().float().mean()), 5)
+    # bf16's own noise for scale: the first pair encoded alone vs in the batch, both as the product encodes
+    single = encode_prompt_inputs(te, tok, captions[:1], pixels[: int(grid[0].prod())], grid[:1], 2)[0]
+    out["single_vs_batched_max_abs_diff"] = round(float((single - compact[:1]).abs().max()), 4)
+    out["single_vs_batched_mean_abs_diff"] = round(float((single - compact[:1]).abs().float().mean()), 5)
     out["embedding_abs_mean"] = round(float(full.abs().float().mean()), 4)
     return out
 
@@ -287,9 +301,10 @@ def profile_components(components: EncoderComponents, rows: list[dict], batch: i
     return out
 
 
-def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path, compile: bool, factory) -> tuple[float, float]:
-    """-> (pairs/s of the whole Ray Data pipeline (prepare on CPU tasks -> encode on the GPU actor -> write) in
-    steady state: from the first finished batch to the last (actor start-up excluded); MiB written per pair)."""
+def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path, compile: bool, factory) -> tuple[float, float, float]:
+    """-> (pairs/s of the whole Ray Data pipeline (prepare on CPU tasks -> encode on the GPU actor -> write) from
+    the first finished batch to the last (actor start-up excluded); pairs/s from the median time between two
+    batches (the steady rate: the last batches tend to arrive together); MiB written per pair)."""
     stamps, written, plan = [], 0, make_plan(root, batch, blank, compile)
     todo = [{**r, "urls": json.dumps(entry_urls(r, plan)), "missing": json.dumps(list(ENTRY_KINDS[: 4 if blank else 3])),
              "valid_bytes": 0} for r in rows]
@@ -297,14 +312,15 @@ def measure_pipeline(rows: list[dict], batch: int, blank: bool, root: Path, comp
         stamps.append((time.perf_counter(), len(out["sample_id"])))
         written += int(sum(out["bytes_written"]))
     rate = sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+    steady = batch / float(np.median(np.diff([t for t, _ in stamps])))
     print(json.dumps({"pipeline_batches": [[round(t - stamps[0][0], 1), n] for t, n in stamps]}), flush=True)
-    return rate, written / len(rows) / 2**20
+    return rate, steady, written / len(rows) / 2**20
 
 
 def measure_gpu_stage(components: EncoderComponents, rows: list[dict], batch: int, blank: bool, root: Path,
-                      compile: bool = False) -> float:
-    """pairs/s of the encoder actor's work alone, on rows already prepared (the GPU-bound ceiling), with two
-    calls at once on two threads as in the pipeline."""
+                      compile: bool = False) -> tuple[float, float]:
+    """-> (pairs/s, seconds of the first call: warm-up and compiling) of the encoder actor's work alone, on rows
+    already prepared (the GPU-bound ceiling), with two calls at once on two threads as in the pipeline."""
     plan = make_plan(root, batch, blank, compile)
     as_batch = lambda chunk: {k: [r[k] for r in chunk] for k in chunk[0]}  # noqa: E731
     missing = json.dumps(list(ENTRY_KINDS[: 4 if blank else 3]))
@@ -312,13 +328,15 @@ def measure_gpu_stage(components: EncoderComponents, rows: list[dict], batch: in
                         for r in rows[i : i + batch]]) for i in range(0, len(rows), batch)]
     prepared = [prepare_batch(c, plan) for c in chunks]
     encoder = CacheEncoder(plan, factory=lambda: components, compile=compile)
+    start = time.perf_counter()
     encoder(prepared[0])
     sync()
+    first_call = time.perf_counter() - start
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:  # two calls at once, as encoded_rows has Ray run them
-        list(pool.map(encoder, prepared))
+        list(pool.map(encoder, prepared * 2))  # twice over: filling and draining the two threads count less
     sync()
-    return len(rows) / (time.perf_counter() - start)
+    return 2 * len(rows) / (time.perf_counter() - start), first_call
 
 
 def main() -> None:
@@ -327,6 +345,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8,16")
     parser.add_argument("--compile", default="0,1", help="GPU-stage rows without (0) and with (1) cache_compile")
     parser.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: the tiny preset on the CPU (a smoke run)")
+    parser.add_argument("--skip-components", action="store_true", help="only the GPU-stage and pipeline rows")
     parser.add_argument("--profile", action="store_true", help="print the top ops of the vision tower and the VAE, then stop")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cache_throughput.json"))
@@ -346,15 +365,18 @@ def main() -> None:
     if args.profile:
         Path(args.out).write_text(json.dumps(profile_components(components, rows, max(batches), root), indent=2))
         return
-    results["components"] = measure_components(components, rows, max(batches), root)
-    print(json.dumps(results["components"]), flush=True)
+    if not args.skip_components:
+        results["components"] = measure_components(components, rows, max(batches), root)
+        print(json.dumps(results["components"]), flush=True)
+    speed_up_vision(components.text_encoder)  # as load_encoder_components does (measure_components did it too)
     speed_up_encoders(components)
     for compile in compiles:
         for batch in batches:
             for blank in (False, True):
-                rate = measure_gpu_stage(components, rows, batch, blank, root, compile)
+                rate, first_call = measure_gpu_stage(components, rows, batch, blank, root, compile)
                 name = f"gpu_stage_b{batch}_{'with' if blank else 'no'}_blank{'_compiled' if compile else ''}_pairs_per_s"
                 results[name] = round(rate, 2)
+                results[name.replace("_pairs_per_s", "_first_call_s")] = round(first_call, 1)
                 print(json.dumps({name: results[name]}), flush=True)
     if DEVICE == "cuda":
         results["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -364,11 +386,12 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     batch = max(batches)
     for blank in (False, True):
-        twice = [{**r, "sample_id": f"{r['sample_id']}-{k}", "edit_sha": f"{r['edit_sha']}{k}"} for k in range(2) for r in rows]
-        rate, mib = measure_pipeline(twice, batch, blank, root, compiles[-1], factory)
+        copies = [{**r, "sample_id": f"{r['sample_id']}-{k}", "edit_sha": f"{r['edit_sha']}{k}"} for k in range(4) for r in rows]
+        rate, steady, mib = measure_pipeline(copies, batch, blank, root, compiles[-1], as_loaded(factory))
         name = f"pipeline_b{batch}_{'with' if blank else 'no'}_blank{'_compiled' if compiles[-1] else ''}"
-        results[f"{name}_pairs_per_s"], results[f"{name}_mib_written_per_pair"] = round(rate, 2), round(mib, 2)
-        print(json.dumps({name: [results[f"{name}_pairs_per_s"], results[f"{name}_mib_written_per_pair"]]}), flush=True)
+        results[f"{name}_pairs_per_s"], results[f"{name}_steady_pairs_per_s"] = round(rate, 2), round(steady, 2)
+        results[f"{name}_mib_written_per_pair"] = round(mib, 2)
+        print(json.dumps({name: [results[f"{name}_pairs_per_s"], results[f"{name}_steady_pairs_per_s"], round(mib, 2)]}), flush=True)
     print(json.dumps(results))
     Path(args.out).write_text(json.dumps(results, indent=2))
 
