@@ -63,7 +63,8 @@ class CachePlan:
     text_fp: str
     batch_size: int = 8
     compile: bool | None = None
-    """torch.compile the VAE encoder (GPU actors only); None: when an actor has AUTO_COMPILE_PAIRS to encode."""
+    """torch.compile the VAE encoder and the vision blocks (GPU actors only); None: when an actor has
+    AUTO_COMPILE_PAIRS to encode."""
 
 
 @dataclass(kw_only=True)
@@ -313,8 +314,8 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     )
 
 
-# Where compiling pays for its warm-up (not timed; a minute would be repaid by ~4,300 pairs at the 14 ms per
-# pair the VAE's compile alone saves: RESULTS.md).
+# Where compiling pays for its warm-up (a cold one was not timed alone; a minute would be repaid by ~4,200 pairs
+# at the ~14 ms per pair it saves: VAE 2 x 6.2, vision tower 1.9; RESULTS.md).
 AUTO_COMPILE_PAIRS = 5000
 
 
