@@ -93,17 +93,6 @@ def full_size_components() -> EncoderComponents:
     return EncoderComponents(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_processor=Qwen2VLImageProcessor())
 
 
-def as_loaded(factory):
-    """`factory`'s components as load_encoder_components leaves them (the vision tower's MLP padded)."""
-
-    def load() -> EncoderComponents:
-        parts = factory()
-        speed_up_vision(parts.text_encoder)
-        return parts
-
-    return load
-
-
 def write_processor(folder: Path) -> None:
     """The pipeline folder's text_processor/ (the prepare stage loads the VL image processor from it)."""
     from longcat_ray.tiny import build_tiny_processor
@@ -243,7 +232,7 @@ def measure_components(components: EncoderComponents, rows: list[dict], batch: i
         block.attn.forward = forward
     packed_out = tower()
     out["vision_packed_vs_stock_max_abs_diff"] = round(float((packed_out - stock).abs().max()), 4)
-    speed_up_vision(te)  # + MLP width padded, as load_encoder_components does
+    speed_up_vision(te)  # + MLP width padded, as speed_up_encoders does
     out["vision_tower_mlp_padded_ms"] = per_pair(timed(tower))
     padded = tower()
     out["vision_mlp_padded_vs_not_max_abs_diff"] = round(float((padded - packed_out).abs().max()), 4)
@@ -368,7 +357,6 @@ def main() -> None:
     if not args.skip_components:
         results["components"] = measure_components(components, rows, max(batches), root)
         print(json.dumps(results["components"]), flush=True)
-    speed_up_vision(components.text_encoder)  # as load_encoder_components does (measure_components did it too)
     speed_up_encoders(components)
     for compile in compiles:
         for batch in batches:
@@ -387,7 +375,7 @@ def main() -> None:
     batch = max(batches)
     for blank in (False, True):
         copies = [{**r, "sample_id": f"{r['sample_id']}-{k}", "edit_sha": f"{r['edit_sha']}{k}"} for k in range(4) for r in rows]
-        rate, steady, mib = measure_pipeline(copies, batch, blank, root, compiles[-1], as_loaded(factory))
+        rate, steady, mib = measure_pipeline(copies, batch, blank, root, compiles[-1], factory)
         name = f"pipeline_b{batch}_{'with' if blank else 'no'}_blank{'_compiled' if compiles[-1] else ''}"
         results[f"{name}_pairs_per_s"], results[f"{name}_steady_pairs_per_s"] = round(rate, 2), round(steady, 2)
         results[f"{name}_mib_written_per_pair"] = round(mib, 2)

@@ -305,7 +305,6 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device).eval()
     text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype)
-    speed_up_vision(text_encoder)
     return EncoderComponents(
         vae=vae,
         text_encoder=text_encoder.to(device).eval(),
@@ -324,13 +323,16 @@ def should_compile(plan: CachePlan, pairs: int, actors: int) -> bool:
 
 
 def speed_up_encoders(parts: EncoderComponents, compile: bool = False) -> EncoderComponents:
-    """On a GPU: the VAE encoder's attention as two matmuls (model/vae_attention.py) and, with `compile`, the
+    """Everywhere: the vision tower's exact speed-ups (model/vision.py), whatever loaded the components.
+    On a GPU: the VAE encoder's attention as two matmuls (model/vae_attention.py) and, with `compile`, the
     VAE encoder and the vision tower's blocks compiled, which fuses the norms and activations between their
     matmuls and convs (measured per part in RESULTS.md; a channels-last VAE gains nothing).
 
     The VAE's first graph is for the first batch's shape; the first other batch size or bucket recompiles it
-    once (~15 s on an H100) for dynamic shapes, and those run as fast (8.7 vs 8.6 ms per image). Compiling it
-    with dynamic shapes from the start ran the cache stage at 25 pairs/s instead of 39 (RESULTS.md)."""
+    once for dynamic shapes (a 16.5 s stall in the H100 pipeline run), and those run as fast (8.75 vs 8.65 ms per
+    image). Compiling it with dynamic shapes from the start ran the cache stage at 25 pairs/s instead of 39
+    (RESULTS.md)."""
+    speed_up_vision(parts.text_encoder)
     if parts.vae.device.type != "cuda":
         return parts
     use_wide_head_attention(parts.vae)
@@ -448,10 +450,14 @@ def columns(rows: list[dict[str, Any]]) -> dict[str, list]:
     return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
 
+def bucket_of(row: dict[str, Any]) -> tuple[int, int]:
+    return int(row["bucket_w"]), int(row["bucket_h"])
+
+
 def group_by_bucket(rows: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((int(row["bucket_w"]), int(row["bucket_h"])), []).append(row)
+        groups.setdefault(bucket_of(row), []).append(row)
     return groups
 
 
@@ -556,7 +562,7 @@ def cache_pairs(pairs: list[dict[str, Any]], plan: CachePlan, workers: int | Non
     summary, start = CacheSummary(pairs=len(pairs)), time.time()
     checked = check_entries(pairs, plan)
     # by bucket: a batch of one bucket is one encoder call (mixed ones split into smaller calls)
-    todo = sorted((row for row in checked if json.loads(row["missing"])), key=lambda r: (int(r["bucket_w"]), int(r["bucket_h"])))
+    todo = sorted((row for row in checked if json.loads(row["missing"])), key=bucket_of)
     summary.reused, summary.encoded = len(checked) - len(todo), len(todo)
     summary.cache_bytes = sum(int(row["valid_bytes"]) for row in checked if not json.loads(row["missing"]))
     with tqdm(total=len(todo), desc="encoding", unit="pair", disable=not progress or not todo) as bar:

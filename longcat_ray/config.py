@@ -203,13 +203,14 @@ class DataConfig(Section):
     skip_bad_pairs: bool = False
     """Skip (and list) broken pairs instead of stopping with the dataset report."""
     cache_batch_size: int = Field(8, ge=1)
-    """Pairs per encoder call in the cache stage (grouped by bucket inside). 32 ran 38.8 pairs/s per H100 at 768²
-    with a 42 GiB peak (benchmarks/RESULTS.md); the default 8 fits 24 GB cards."""
+    """Pairs per encoder call in the cache stage (grouped by bucket inside). 32 ran 38.8 pairs/s per H100 at 768²;
+    the benchmark process, which held more than an actor does, peaked at 42 GiB (benchmarks/RESULTS.md). The
+    default 8 is meant for smaller cards (its memory was not measured)."""
     cache_workers: int | None = Field(None, ge=1)
     """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
     cache_compile: bool | None = None
-    """torch.compile the VAE encoder and the vision tower's blocks in the cache stage's GPU actors (VAE 13.9 -> 7.7,
-    tower 5.7 -> 3.9 ms per 768² pair on an H100) after a compile warm-up. Default (null): on when an actor has at
+    """torch.compile the VAE encoder and the vision tower's blocks in the cache stage's GPU actors (on an H100 at
+    768²: VAE 13.9 -> 7.7 ms per image, vision tower 5.7 -> 3.9 ms per pair) after a compile warm-up. Default (null): on when an actor has at
     least 5,000 pairs to encode."""
     cache_streaming: bool = False
     """Encode while training instead of caching (datasets too large to cache): each training worker streams its

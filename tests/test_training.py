@@ -144,6 +144,7 @@ def test_streamed_then_resumed_from_the_cache_trains_as_the_cache_alone(zero2, t
     first_two = sorted(read_manifest(cached), key=lambda m: m["sample_id"])[:2]
     assert written == {m["sample_id"].replace("/", "__") for m in first_two}
     first_losses = logged_losses(tmp_path)
+    assert set(first_losses) >= {1, 5, 10}  # rank 0 logs step 1 and every LOG_EVERY (5) steps
 
     second = train(tiny_config(tiny, tmp_path), progress=False)  # same command, longer: resumes at step 12
     assert second.steps == STEPS
