@@ -51,8 +51,10 @@ class ModelConfig(Section):
     """A local diffusers pipeline directory or a hub id."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when loading by hub id."""
-    base_model_precision: Literal["no_change", "int8-torchao", "fp8-torchao"] = "no_change"
-    """Frozen base weights: bf16 (`no_change`), or weight-only int8/fp8 through torchao."""
+    base_model_precision: Literal["no_change", "fp8-matmul", "int8-torchao", "fp8-torchao"] = "no_change"
+    """Frozen base weights: bf16 (`no_change`); `fp8-matmul`: stored in fp8 and multiplied on the fp8 tensor
+    cores (Hopper/Ada GPUs; half the weight memory, faster matmuls, activations scaled per tensor); or
+    weight-only int8/fp8 through torchao (least memory, slower than bf16: they dequantise every matmul)."""
 
 
 class LoraConfig(Section):
@@ -79,6 +81,16 @@ class TrainConfig(Section):
     """Micro-batch per worker (one aspect bucket per batch)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = True
+    """Recompute the blocks' activations in the backward instead of keeping them (less memory, slower)."""
+    gradient_checkpointing_interval: int | None = Field(None, ge=1)
+    """Checkpoint only every N-th double and single block (SimpleTuner's key): the others keep their
+    activations, trading memory for less recomputation. Null or 1: every block."""
+    compile: bool | None = None
+    """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
+    before the first step). Null: on when the worker has a GPU, off on CPU."""
+    attention: Literal["auto", "cudnn", "sdpa"] = "auto"
+    """Attention kernel of the training forward/backward: `cudnn` (fastest on H100/H200), `sdpa` (torch's
+    choice: FlashAttention-2 on GPUs), `auto` (cudnn on Hopper or newer GPUs, else sdpa)."""
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: str = "constant"
     """One of constant, constant_with_warmup, cosine, cosine_with_restarts, linear, polynomial."""
@@ -423,6 +435,14 @@ def check_model(model: ModelConfig, source: str) -> list[str]:
     return [f"{source}: key 'model_flavour': {why}. Fix: set \"model_flavour\": \"edit\"."]
 
 
+def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list[str]:
+    """A quantized base is swapped in after DeepSpeed places the model; ZeRO-3 partitions those weights."""
+    if model.base_model_precision == "no_change" or train.zero_stage < 3:
+        return []
+    return [f"{source}: key 'base_model_precision': '{model.base_model_precision}' cannot run with zero_stage 3 "
+            "(ZeRO-3 partitions the frozen base weights). Fix: set \"zero_stage\": 2, or \"base_model_precision\": \"no_change\"."]
+
+
 def check_validation(validation: ValidationConfig, source: str) -> list[str]:
     problems = []
     for width, height in validation.resolution:
@@ -521,6 +541,7 @@ def load_config(path: str | os.PathLike) -> tuple[Config, list[str]]:
     warnings += normalise_precision(sections["model"], str(config_path))
     built, problems = build_sections(sections, str(config_path))
     problems += check_model(built["model"], str(config_path)) + check_validation(built["validation"], str(config_path))
+    problems += check_precision(built["model"], built["train"], str(config_path))
     data, data_problems, data_warnings = load_data(sections["data"], config_path, built["train"].output_dir)
     config = Config(source=str(config_path), data=data, **built)
     problems += data_problems

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import queue
 import random
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -128,3 +130,49 @@ def group_encoded(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[list[str], d
             if members[0][f"{kind}_tensors"]
         }
         yield [m["sample_id"] for m in members], tensors
+
+
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """`items`, produced `depth` ahead on a background thread (reading, decoding and pinning the next batches
+    while the GPU trains on this one). Exceptions surface in the consumer; leaving early stops the producer."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def offer(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((pin_batch(item), None)):
+                    return
+            offer((done, None))
+        except BaseException as err:  # noqa: BLE001 -- handed to the consumer
+            offer((done, err))
+
+    thread = threading.Thread(target=produce, name="longcat-ray-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def pin_batch(item: Any) -> Any:
+    """(sample ids, tensors) -> the same with the tensors in pinned host memory when a GPU will read them."""
+    if not torch.cuda.is_available() or not isinstance(item, tuple):
+        return item
+    ids, tensors = item
+    return ids, {kind: t.pin_memory() for kind, t in tensors.items()}

@@ -86,17 +86,18 @@ def build_tiny_processor(tokenizer):
     )
 
 
-def build_tiny_text_encoder(tokenizer, seed: int):
-    """A 2-layer Qwen2.5-VL whose image/video/vision token ids point at the tiny tokenizer's specials."""
+def build_tiny_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN):
+    """A 2-layer Qwen2.5-VL whose image/video/vision token ids point at the tiny tokenizer's specials.
+    `hidden`: the embedding width (3584 for prompt embeddings shaped like the real encoder's)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
+        hidden_size=hidden,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=hidden // 16,
         num_key_value_heads=2,
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
@@ -113,7 +114,7 @@ def build_tiny_text_encoder(tokenizer, seed: int):
         spatial_merge_size=2,
         temporal_patch_size=2,
         window_size=112,
-        out_hidden_size=TEXT_HIDDEN,
+        out_hidden_size=hidden,
         fullatt_block_indexes=[1],
     )
     config = Qwen2_5_VLConfig(
@@ -221,14 +222,15 @@ def apply_tiny_edit(reference: Image.Image) -> Image.Image:
     return Image.merge("RGB", (blue, green, red))
 
 
-def write_tiny_dataset(edits: Path, refs: Path, pairs: int, seed: int) -> None:
-    """`pairs` reference/edit PNGs with matching stems; the instruction sits beside the edit as `.txt`."""
+def write_tiny_dataset(edits: Path, refs: Path, pairs: int, seed: int, sizes=TINY_SIZES) -> None:
+    """`pairs` reference/edit PNGs with matching stems, cycling through `sizes`; the instruction sits beside the
+    edit as `.txt`."""
     edits.mkdir(parents=True, exist_ok=True)
     refs.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(pairs):
         stem = f"pair_{index:04d}"
-        reference = draw_reference(TINY_SIZES[index % len(TINY_SIZES)], rng)
+        reference = draw_reference(sizes[index % len(sizes)], rng)
         reference.save(refs / f"{stem}.png")
         apply_tiny_edit(reference).save(edits / f"{stem}.png")
         (edits / f"{stem}.txt").write_text(TINY_INSTRUCTIONS[index % len(TINY_INSTRUCTIONS)] + "\n")

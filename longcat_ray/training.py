@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -167,22 +167,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """Per worker: model + LoRA + DeepSpeed engine, resume, then micro-batches from the epoch plan."""
     import ray.train
 
-    from longcat_ray.model.transformer import add_lora, load_transformer
-    from longcat_ray.zero import init_engine, load_checkpoint
+    from longcat_ray.zero import load_checkpoint
 
+    started = time.perf_counter()
     config = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = torch.device("cuda", context.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails at LongCat shapes (DESIGN.md §4)
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else torch.float32
-    transformer = load_transformer(config.model, dtype, device)
-    if config.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    params = add_lora(transformer, config.lora, config.train.seed)
-    engine, scheduler = init_engine(transformer, params, config.train, world)
+    engine, params, scheduler = build_model(config, world, device, dtype)
     state = WorkerState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -190,8 +185,41 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state = WorkerState(**load_checkpoint(engine, directory)["longcat_ray"])
     loop = TrainingLoop(config=config, engine=engine, params=params, scheduler=scheduler, rank=rank, world=world,
                         device=device, dtype=dtype, state=state, manifest=loop_config["manifest"],
-                        plan=loop_config["plan"], progress=loop_config["progress"])
+                        plan=loop_config["plan"], progress=loop_config["progress"], started=started)
     loop.run()
+
+
+def build_model(config: Config, world: int, device: torch.device, dtype: torch.dtype):
+    """-> (DeepSpeed engine, LoRA parameters, lr scheduler): the DiT with its adapter, placed by DeepSpeed, then
+    the frozen base quantized and the speed levers applied (model/transformer.py)."""
+    from longcat_ray.model.attention import resolve_backend
+    from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, quantize_base, speed_up_training
+    from longcat_ray.zero import init_engine
+
+    train = config.train
+    transformer = load_transformer(config.model, dtype, device)
+    checkpoint_blocks(transformer, train.gradient_checkpointing, train.gradient_checkpointing_interval)
+    params = add_lora(transformer, config.lora, train.seed)
+    engine, scheduler = init_engine(transformer, params, train, world)
+    quantize_base(transformer, config.model.base_model_precision)
+    compile = train.compile if train.compile is not None else device.type == "cuda"
+    speed_up_training(transformer, resolve_backend(train.attention, device), compile)
+    return engine, params, scheduler
+
+
+@dataclass(kw_only=True)
+class Window:
+    """The steps since the last log line: their losses kept on the device (read once per window, so the host
+    never waits for the GPU step by step), samples, and when the window opened."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0
+    samples: int = 0
+    opened: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.losses.append(loss.detach().float())
+        self.samples += samples
 
 
 @dataclass(kw_only=True)
@@ -208,13 +236,19 @@ class TrainingLoop:
     manifest: list[dict[str, Any]]
     plan: CachePlan
     progress: bool
+    started: float = field(default_factory=time.perf_counter)
 
     def run(self) -> None:
         from longcat_ray.reader import plan_epoch
 
         train = self.config.train
         per_epoch = len(plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, 0)[self.rank])
-        self.writer, self.window = self.open_logs(), []
+        self.writer, self.window, self.last = self.open_logs(), Window(), {}
+        self.setup_s = time.perf_counter() - self.started
+        self.setup_peak_gib = 0.0
+        if self.device.type == "cuda":  # peak_gib then tells what training holds, not the load before quantization
+            self.setup_peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
         while self.state.step < train.max_train_steps:
             epoch, index = divmod(self.state.micro_step, per_epoch)
             self.run_epoch(epoch, index)
@@ -222,12 +256,14 @@ class TrainingLoop:
             self.checkpoint(self.metrics())  # the final state is always a checkpoint
 
     def run_epoch(self, epoch: int, start: int) -> None:
+        from longcat_ray.reader import prefetch
+
         train = self.config.train
-        for sample_ids, tensors in self.epoch_batches(epoch, start):
+        for sample_ids, tensors in prefetch(self.epoch_batches(epoch, start), depth=2):
             self.log_samples(sample_ids)
-            loss = self.train_micro_batch(tensors)
+            self.train_micro_batch(tensors)
             if self.state.micro_step % train.gradient_accumulation_steps == 0:
-                self.after_step(loss)
+                self.after_step()
                 if self.state.step >= train.max_train_steps:
                     break
 
@@ -244,42 +280,59 @@ class TrainingLoop:
         for row in shard_dataset(batches, self.plan.options, start=start).iter_rows():
             yield json.loads(row["sample_ids"]), batch_tensors(row)
 
-    def train_micro_batch(self, tensors: dict[str, torch.Tensor]) -> float:
-        from longcat_ray.model.loss import choose_prompts, flow_matching_loss
+    def train_micro_batch(self, tensors: dict[str, torch.Tensor]) -> None:
+        """One forward/backward/step, queued on the device; the loss stays there (Window)."""
+        from longcat_ray.model.loss import choose_prompts, flow_matching_loss, to_device
 
         train = self.config.train
         generator = torch.Generator().manual_seed(train.seed * 1_000_003 + self.state.micro_step * 1009 + self.rank)
-        move = lambda t: t.to(self.device, self.dtype)  # noqa: E731
-        prompts = choose_prompts(move(tensors["text"]), move(tensors["blank"]) if "blank" in tensors else None,
-                                 train.caption_dropout_probability, generator)
-        start = time.perf_counter()
-        loss = flow_matching_loss(self.engine, move(tensors["edit"]), move(tensors["ref"]), prompts, generator)
+        # caption dropout picks rows on the host: only the chosen embedding is copied to the device
+        prompts = choose_prompts(tensors["text"], tensors.get("blank"), train.caption_dropout_probability, generator)
+        move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
+        loss = flow_matching_loss(self.engine, move(tensors["edit"]), move(tensors["ref"]), move(prompts), generator)
         self.engine.backward(loss)
         self.engine.step()
         self.state.micro_step += 1
-        self.window.append((loss.item(), tensors["edit"].shape[0], time.perf_counter() - start))
-        return loss.item()
+        self.window.add(loss, tensors["edit"].shape[0])
 
-    def after_step(self, loss: float) -> None:
+    def after_step(self) -> None:
         self.state.step += 1
-        metrics = self.metrics()
-        if self.rank == 0 and (self.state.step % LOG_EVERY == 0 or self.state.step == 1):
-            self.log(metrics)
+        self.window.steps += 1
+        log = self.state.step % LOG_EVERY == 0 or self.state.step == 1
+        checkpoint = self.state.step % self.config.train.checkpointing_steps == 0
+        if log or checkpoint:
+            metrics = self.metrics()
+            if self.rank == 0 and log:
+                self.log(metrics)
         if self.config.validation.steps and self.state.step % self.config.validation.steps == 0:
             self.validate()
-        if self.state.step % self.config.train.checkpointing_steps == 0:
+        if checkpoint:
             self.checkpoint(metrics)
 
     def metrics(self) -> dict[str, Any]:
-        window = self.window[-LOG_EVERY * self.config.train.gradient_accumulation_steps :] or [(float("nan"), 0, 1.0)]
-        seconds = sum(w[2] for w in window)
-        return {
+        """Closes the window (one host-device sync) -> this rank's metrics of it; later calls without new steps
+        repeat the last."""
+        window = self.window
+        if not window.losses:
+            return self.last or {"step": self.state.step, "loss": float("nan"), "lr": self.scheduler.get_last_lr()[0]}
+        losses = torch.stack(window.losses).tolist()  # the sync
+        seconds = time.perf_counter() - window.opened
+        self.last = {
             "step": self.state.step,
-            "loss": sum(w[0] for w in window) / len(window),
+            "loss": sum(losses) / len(losses),
+            "losses": losses,
             "lr": self.scheduler.get_last_lr()[0],
-            "samples_per_s": sum(w[1] for w in window) * self.world / seconds,
-            "step_time_s": seconds / max(1, len(window) / self.config.train.gradient_accumulation_steps),
+            "samples_per_s": window.samples * self.world / seconds,
+            "step_time_s": seconds / max(1, window.steps),
+            "workers": self.world,
+            "window_steps": window.steps,
+            "elapsed_s": time.perf_counter() - self.started,
+            "setup_s": self.setup_s,
+            "setup_peak_gib": self.setup_peak_gib,
+            "peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0,
         }
+        self.window = Window()
+        return self.last
 
     def validate(self) -> None:
         """Every rank samples (ZeRO-3 needs all of them in each forward); rank 0 writes the grid."""
@@ -304,7 +357,8 @@ class TrainingLoop:
         if self.rank == 0:
             url = join(self.config.train.output_dir, "validation", f"step_{self.state.step:06d}.png")
             save_png(grid, url)
-            self.writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
+            if self.writer:
+                self.writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
             print(f"validation grid: {url}", flush=True)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
@@ -336,8 +390,15 @@ class TrainingLoop:
         """Rank 0's TensorBoard writer under output_dir/logs (local output dirs; s3 runs log beside the job)."""
         if self.rank != 0:
             return None
-        from torch.utils.tensorboard import SummaryWriter
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package; tensorboardX (Ray's) writes the same files
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                print("warning: neither tensorboard nor tensorboardX is installed: metrics go to "
+                      "output_dir/logs/metrics-rank0.jsonl only", flush=True)
+                return None
         out = self.config.train.output_dir
         logdir = os.path.join(out, "logs") if "://" not in out else os.path.join(tempfile.gettempdir(), "longcat-ray-logs")
         return SummaryWriter(logdir)
@@ -346,19 +407,26 @@ class TrainingLoop:
         train = self.config.train
         print(
             f"step {metrics['step']}/{train.max_train_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-            f"{metrics['samples_per_s']:.2f} samples/s  {metrics['step_time_s']:.2f} s/step",
+            f"{metrics['samples_per_s']:.2f} samples/s  {metrics['step_time_s']:.3f} s/step  "
+            f"peak {metrics['peak_gib']:.1f} GiB",
             flush=True,
         )
-        for key, value in metrics.items():
-            if key != "step":
-                self.writer.add_scalar(f"train/{key}", value, metrics["step"])
-        self.writer.flush()
+        if self.writer:
+            for key, value in metrics.items():
+                if key not in ("step", "losses"):
+                    self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+            self.writer.flush()
+        self.append_log("metrics-rank0.jsonl", metrics)
 
     def log_samples(self, sample_ids: list[str]) -> None:
         """Which samples each micro-batch trained on: lets a resumed run be audited against the plan."""
+        self.append_log(f"samples-rank{self.rank}.jsonl", {"micro_step": self.state.micro_step, "samples": sample_ids})
+
+    def append_log(self, name: str, record: dict[str, Any]) -> None:
+        """One JSON line under output_dir/logs (local output dirs only)."""
         out = self.config.train.output_dir
         if "://" in out:
             return
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-        with open(os.path.join(out, "logs", f"samples-rank{self.rank}.jsonl"), "a") as handle:
-            handle.write(json.dumps({"micro_step": self.state.micro_step, "samples": sample_ids}) + "\n")
+        with open(os.path.join(out, "logs", name), "a") as handle:
+            handle.write(json.dumps(record) + "\n")

@@ -1,4 +1,6 @@
-"""The trained model: LongCat's DiT, frozen (bf16 / int8 / fp8 via torchao), with a peft LoRA adapter."""
+"""The trained model: LongCat's DiT, frozen (bf16 / fp8 matmuls / int8 or fp8 weight-only via torchao), with a
+peft LoRA adapter, and the training-speed levers that keep its maths (attention kernel, regional compile,
+which blocks recompute their activations)."""
 
 from __future__ import annotations
 
@@ -10,24 +12,33 @@ ADAPTER = "default"
 
 
 def load_transformer(model: ModelConfig, dtype: torch.dtype, device: torch.device):
-    """The DiT from a pipeline folder or hub id, frozen, optionally weight-quantised by torchao."""
+    """The DiT from a pipeline folder or hub id, frozen (`quantize_base` runs once the LoRA is attached)."""
     from diffusers import LongCatImageTransformer2DModel
 
     transformer = LongCatImageTransformer2DModel.from_pretrained(
         model.pretrained_model_name_or_path, subfolder="transformer", revision=model.revision, torch_dtype=dtype
     ).to(device)
-    transformer.requires_grad_(False)
-    quantize_base(transformer, model.base_model_precision)
-    return transformer
+    return transformer.requires_grad_(False)
 
 
 def quantize_base(transformer, precision: str) -> None:
-    """Weight-only int8/fp8 of the frozen linears, before LoRA wraps them (LoRA stays in high precision)."""
+    """The frozen linears (never LoRA's) in fp8 matmuls or torchao weight-only int8/fp8, in place.
+
+    Runs after the LoRA is attached and after DeepSpeed has placed the model: peft then wraps plain bf16
+    linears, and DeepSpeed's `module.to(device)` never meets a torchao tensor subclass (it cannot swap one:
+    "Couldn't swap Linear.weight" on an H200).
+    """
     if precision == "no_change":
+        return
+    if precision == "fp8-matmul":
+        from longcat_ray.model.fp8 import convert_to_float8
+
+        convert_to_float8(transformer)
         return
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    quantize_(transformer, Int8WeightOnlyConfig() if precision == "int8-torchao" else Float8WeightOnlyConfig())
+    config = Int8WeightOnlyConfig() if precision == "int8-torchao" else Float8WeightOnlyConfig()
+    quantize_(transformer, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lora_" not in fqn)
 
 
 def add_lora(transformer, lora: LoraConfig, seed: int) -> list[torch.nn.Parameter]:
@@ -47,3 +58,25 @@ def add_lora(transformer, lora: LoraConfig, seed: int) -> list[torch.nn.Paramete
     for param in params:
         param.requires_grad_(True)
     return params
+
+
+def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
+    """Gradient checkpointing of every block, or (SimpleTuner's `gradient_checkpointing_interval`) of every
+    `interval`-th double and single block: the rest keep their activations and skip the recomputation."""
+    if not enabled:
+        transformer.disable_gradient_checkpointing()
+        return
+    transformer.enable_gradient_checkpointing()
+    every = interval or 1
+    transformer.use_checkpoint = [i % every == 0 for i in range(len(transformer.transformer_blocks))]
+    transformer.use_single_checkpoint = [i % every == 0 for i in range(len(transformer.single_transformer_blocks))]
+
+
+def speed_up_training(transformer, attention: str, compile: bool) -> None:
+    """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
+    repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls)."""
+    from longcat_ray.model.attention import use_training_attention
+
+    use_training_attention(transformer, attention)
+    if compile:
+        transformer.compile_repeated_blocks(fullgraph=False)
