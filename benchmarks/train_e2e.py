@@ -106,22 +106,26 @@ def run_baseline(out: Path) -> dict:
     return json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-800:]}
 
 
-def row_config(config_path: Path, name: str, steps: int, out: Path):
+def row_config(config_path: Path, name: str, steps: int, out: Path, profile: bool = False):
     from longcat_ray.config import load_config
 
     config, _ = load_config(config_path)
     config.train.output_dir = str(out / "runs" / name)
     config.train.max_train_steps = steps
+    if profile:  # the last full log window before the end; summarise leaves it out of the steady state
+        config.train.profile_steps = (steps - 3, steps - 2)
     for key, value in ROWS[name].items():
         section = config.model if key == "base_model_precision" else config.train
         setattr(section, key, value)
     return config
 
 
-def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: dict) -> dict:
-    """The loop's log windows -> one result row (steady state: windows that start after step `skip`)."""
+def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: dict, profiled=None) -> dict:
+    """The loop's log windows -> one result row (steady state: windows that start after step `skip`, less any
+    window holding profiled steps)."""
     first = windows[0]
-    steady = [w for w in windows if w["step"] - w["window_steps"] >= skip]
+    low, high = profiled or (0, -1)
+    steady = [w for w in windows if w["step"] - w["window_steps"] >= skip and not (w["step"] - w["window_steps"] < high and w["step"] >= low)]
     steps = sum(w["window_steps"] for w in steady)
     seconds = sum(w["step_time_s"] * w["window_steps"] for w in steady)
     samples = sum(w["samples_per_s"] * w["step_time_s"] * w["window_steps"] for w in steady)  # every worker's
@@ -156,7 +160,7 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
 def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     from longcat_ray.training import train
 
-    config = row_config(config_path, name, args.steps, Path(args.work))
+    config = row_config(config_path, name, args.steps, Path(args.work), profile=name in args.profile.split(","))
     started = time.perf_counter()
     try:
         train(config, progress=False)
@@ -164,14 +168,20 @@ def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
         return {"row": name, "error": f"{type(err).__name__}: {str(err)[-1500:]}"}
     log = Path(config.train.output_dir) / "logs" / "metrics-rank0.jsonl"
     windows = [json.loads(line) for line in log.read_text().splitlines()]
-    result = summarise(name, windows, args.skip, args.side, baseline)
+    result = summarise(name, windows, args.skip, args.side, baseline, config.train.profile_steps)
     result["wall_s"] = round(time.perf_counter() - started, 1)
+    profile = log.with_name("profile-rank0.txt")
+    if profile.exists():
+        shutil.copy(profile, Path(args.out) / f"profile_{name}.txt")
     return result
 
 
 def git_commit() -> str:
+    """LONGCAT_RAY_COMMIT when set (a device copy of the tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("LONGCAT_RAY_COMMIT"):
+        return os.environ["LONGCAT_RAY_COMMIT"]
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or os.environ.get("LONGCAT_RAY_COMMIT", "unknown")
+    return done.stdout.strip() or "unknown"
 
 
 def write(result: dict, out: Path) -> None:
@@ -190,6 +200,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady state (compile, warm-up)")
     parser.add_argument("--baseline", action="store_true", help="run the eager baseline first (GPU)")
+    parser.add_argument("--profile", default="", help="rows to run torch.profiler in (two steps near the end)")
     parser.add_argument("--work", default="/tmp/longcat-ray-e2e", help="workspace (reused when complete)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()

@@ -88,6 +88,9 @@ class TrainConfig(Section):
     compile: bool | None = None
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""
+    profile_steps: tuple[int, int] | None = None
+    """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
+    output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""
     attention: Literal["auto", "cudnn", "sdpa"] = "auto"
     """Attention kernel of the training forward/backward: `cudnn` (fastest on H100/H200), `sdpa` (torch's
     choice: FlashAttention-2 on GPUs), `auto` (cudnn on Hopper or newer GPUs, else sdpa)."""
