@@ -47,8 +47,8 @@ ROWS: dict[str, dict] = {
                        "gradient_checkpointing": True, "gradient_checkpointing_interval": 2},
     "fast_fp8_ckpt3": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
                        "gradient_checkpointing": True, "gradient_checkpointing_interval": 3},
-    "int8_ckpt": {"compile": True, "attention": "auto", "base_model_precision": "int8-torchao", "gradient_checkpointing": True},
-    "fp8wo_ckpt": {"compile": True, "attention": "auto", "base_model_precision": "fp8-torchao", "gradient_checkpointing": True},
+    "int8_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "int8-torchao", "gradient_checkpointing": True},
+    "fp8wo_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "fp8-torchao", "gradient_checkpointing": True},
 }
 
 
@@ -161,6 +161,7 @@ def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     from longcat_ray.training import train
 
     config = row_config(config_path, name, args.steps, Path(args.work), profile=name in args.profile.split(","))
+    shutil.rmtree(config.train.output_dir, ignore_errors=True)  # a fresh run: its logs hold this row alone
     started = time.perf_counter()
     try:
         train(config, progress=False)

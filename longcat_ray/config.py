@@ -438,12 +438,21 @@ def check_model(model: ModelConfig, source: str) -> list[str]:
     return [f"{source}: key 'model_flavour': {why}. Fix: set \"model_flavour\": \"edit\"."]
 
 
+WEIGHT_ONLY = ("int8-torchao", "fp8-torchao")
+
+
 def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list[str]:
-    """A quantized base is swapped in after DeepSpeed places the model; ZeRO-3 partitions those weights."""
-    if model.base_model_precision == "no_change" or train.zero_stage < 3:
-        return []
-    return [f"{source}: key 'base_model_precision': '{model.base_model_precision}' cannot run with zero_stage 3 "
-            "(ZeRO-3 partitions the frozen base weights). Fix: set \"zero_stage\": 2, or \"base_model_precision\": \"no_change\"."]
+    """A quantized base is swapped in after DeepSpeed places the model, and ZeRO-3 partitions those weights;
+    torch.compile cannot yet take torchao's weight-only tensors (aliased subclass outputs, on an H200)."""
+    precision, problems = model.base_model_precision, []
+    if precision != "no_change" and train.zero_stage == 3:
+        problems.append(f"{source}: key 'base_model_precision': '{precision}' cannot run with zero_stage 3 (ZeRO-3 "
+                        "partitions the frozen base weights). Fix: set \"zero_stage\": 2, or \"base_model_precision\": \"no_change\".")
+    if precision in WEIGHT_ONLY and train.compile:
+        problems.append(f"{source}: key 'compile': torch.compile cannot take the '{precision}' base (torchao tensor "
+                        "subclasses). Fix: remove \"compile\" (it is then off for this precision), or use "
+                        "\"base_model_precision\": \"fp8-matmul\", which compiles.")
+    return problems
 
 
 def check_validation(validation: ValidationConfig, source: str) -> list[str]:

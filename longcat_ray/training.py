@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -202,9 +203,25 @@ def build_model(config: Config, world: int, device: torch.device, dtype: torch.d
     params = add_lora(transformer, config.lora, train.seed)
     engine, scheduler = init_engine(transformer, params, train, world)
     quantize_base(transformer, config.model.base_model_precision)
-    compile = train.compile if train.compile is not None else device.type == "cuda"
+    weight_only = config.model.base_model_precision in ("int8-torchao", "fp8-torchao")  # compile cannot take them
+    compile = train.compile if train.compile is not None else device.type == "cuda" and not weight_only
     speed_up_training(transformer, resolve_backend(train.attention, device), compile)
     return engine, params, scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became inf/nan: the weights are no longer trustworthy, so nothing after it is checkpointed."""
+
+
+def check_finite(losses: list[float], step: int, steps: int) -> None:
+    """Stop the run at the first window with a non-finite loss (DeepSpeed's per-step overflow check is off)."""
+    bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+    if bad:
+        raise NonFiniteLoss(
+            f"the loss became {losses[bad[0]]} within steps {step - steps + 1}-{step}: the run stops before anything "
+            "after it is checkpointed. Resume from the last checkpoint (re-run the same command) with a lower "
+            "learning_rate or max_grad_norm, and check the data those steps read (logs/samples-rank*.jsonl)."
+        )
 
 
 @dataclass(kw_only=True)
@@ -319,6 +336,7 @@ class TrainingLoop:
             return self.last or {"step": self.state.step, "loss": float("nan"), "lr": self.scheduler.get_last_lr()[0]}
         losses = torch.stack(window.losses).tolist()  # the sync
         seconds = time.perf_counter() - window.opened
+        check_finite(losses, self.state.step, window.steps)
         self.last = {
             "step": self.state.step,
             "loss": sum(losses) / len(losses),

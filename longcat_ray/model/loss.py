@@ -21,8 +21,8 @@ def choose_prompts(text: torch.Tensor, blank: torch.Tensor | None, dropout: floa
     """Caption dropout: each sample's embedding swapped for ("", same reference) with probability `dropout`."""
     if blank is None or dropout <= 0:
         return text
-    drop = torch.rand(text.shape[0], generator=generator) < dropout  # [b]
-    return torch.where(drop.view(-1, 1, 1).to(text.device), blank, text)
+    drop = (torch.rand(text.shape[0], generator=generator) < dropout).tolist()  # [b]
+    return torch.stack([b if d else t for t, b, d in zip(text, blank, drop)])  # a row pick, not a where over both
 
 
 def flow_matching_loss(
