@@ -352,6 +352,8 @@ class TrainingLoop:
             "peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0,
         }
         self.window = Window()
+        if self.rank == 0:  # every window, logged or closed by a checkpoint: the JSON log holds every step's loss
+            self.append_log("metrics-rank0.jsonl", self.last)
         return self.last
 
     def validate(self) -> None:
@@ -436,7 +438,6 @@ class TrainingLoop:
                 if key not in ("step", "losses"):
                     self.writer.add_scalar(f"train/{key}", value, metrics["step"])
             self.writer.flush()
-        self.append_log("metrics-rank0.jsonl", metrics)
 
     def log_samples(self, sample_ids: list[str]) -> None:
         """Which samples each micro-batch trained on: lets a resumed run be audited against the plan."""

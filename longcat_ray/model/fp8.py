@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-MIN_FEATURES = 1024  # smaller linears (embedders, the 64-channel output) gain nothing from fp8
+MIN_FEATURES = 1024
 
 
 def scale_to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +84,8 @@ SKIP = ("lora_", "norm", "time_embed")
 
 
 def convert_to_float8(model: torch.nn.Module, min_features: int = MIN_FEATURES, skip: tuple[str, ...] = SKIP) -> int:
-    """Swap every frozen nn.Linear that fits (not LoRA's, not the per-sample modulation linears, whose input is
-    one row) for a Float8FrozenLinear, in place; returns how many were swapped."""
+    """Swap every frozen nn.Linear that fits (both dims >= `min_features`; not LoRA's, not the per-sample
+    modulation linears, whose input is one row) for a Float8FrozenLinear, in place; returns how many."""
     swapped = 0
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

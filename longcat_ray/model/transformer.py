@@ -33,7 +33,8 @@ def quantize_base(transformer, precision: str) -> None:
     if precision == "fp8-matmul":
         from longcat_ray.model.fp8 import convert_to_float8
 
-        convert_to_float8(transformer)
+        # linears narrower than the model (the 64-channel patch embedder and output projection) stay in bf16
+        convert_to_float8(transformer, min_features=transformer.inner_dim)
         return
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
@@ -72,11 +73,12 @@ def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
     transformer.use_single_checkpoint = [i % every == 0 for i in range(len(transformer.single_transformer_blocks))]
 
 
-def speed_up_training(transformer, attention: str, compile: bool) -> None:
+def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor") -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
-    repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls)."""
+    repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
+    `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels)."""
     from longcat_ray.model.attention import use_training_attention
 
     use_training_attention(transformer, attention)
     if compile:
-        transformer.compile_repeated_blocks(fullgraph=False)
+        transformer.compile_repeated_blocks(fullgraph=False, backend=backend)
