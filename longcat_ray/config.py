@@ -133,6 +133,13 @@ class TrainConfig(Section):
             raise ValueError(f"unknown lr_scheduler; use one of {', '.join(LR_SCHEDULERS)}")
         return value
 
+    @field_validator("profile_steps")
+    @classmethod
+    def _step_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1]:
+            raise ValueError("profile_steps is [first, last] with 1 <= first <= last, e.g. [20, 21]")
+        return value
+
     @field_validator("optimizer")
     @classmethod
     def _adamw_only(cls, value: str) -> str:
