@@ -112,6 +112,7 @@ def row_config(config_path: Path, name: str, steps: int, out: Path, profile: boo
     config, _ = load_config(config_path)
     config.train.output_dir = str(out / "runs" / name)
     config.train.max_train_steps = steps
+    config.train.max_failures = 0  # a row that fails fails once: Ray Train's retries cost the call's minutes
     if profile:  # the last full log window before the end; summarise leaves it out of the steady state
         config.train.profile_steps = (steps - 3, steps - 2)
     for key, value in ROWS[name].items():

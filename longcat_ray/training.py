@@ -195,14 +195,15 @@ def build_model(config: Config, world: int, device: torch.device, dtype: torch.d
     the frozen base quantized and the speed levers applied (model/transformer.py)."""
     from longcat_ray.model.attention import resolve_backend
     from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, quantize_base, speed_up_training
-    from longcat_ray.zero import init_engine
+    from longcat_ray.zero import frozen_weights_replaceable, init_engine
 
     train = config.train
     transformer = load_transformer(config.model, dtype, device)
     checkpoint_blocks(transformer, train.gradient_checkpointing, train.gradient_checkpointing_interval)
     params = add_lora(transformer, config.lora, train.seed)
     engine, scheduler = init_engine(transformer, params, train, world)
-    quantize_base(transformer, config.model.base_model_precision)
+    with frozen_weights_replaceable(engine):
+        quantize_base(transformer, config.model.base_model_precision)
     weight_only = config.model.base_model_precision in ("int8-torchao", "fp8-torchao")  # compile cannot take them
     compile = train.compile if train.compile is not None else device.type == "cuda" and not weight_only
     speed_up_training(transformer, resolve_backend(train.attention, device), compile)
