@@ -178,6 +178,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else torch.float32
+    if rank == 0:
+        levers = ", ".join(f"{k} {v}" for k, v in resolved_levers(config, device).items())
+        print(f"training on {world} x {device.type}: {levers}", flush=True)
     engine, params, scheduler = build_model(config, world, device, dtype)
     state = WorkerState()
     checkpoint = ray.train.get_checkpoint()
@@ -190,23 +193,34 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop.run()
 
 
+def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
+    """The speed settings this worker runs with, `auto`/null resolved for its device."""
+    from longcat_ray.config import WEIGHT_ONLY
+    from longcat_ray.model.attention import resolve_backend
+
+    train, precision = config.train, config.model.base_model_precision
+    # compile cannot take torchao's weight-only tensor subclasses (the config check refuses forcing it)
+    compile = train.compile if train.compile is not None else device.type == "cuda" and precision not in WEIGHT_ONLY
+    every = train.gradient_checkpointing_interval or 1
+    checkpointing = "off" if not train.gradient_checkpointing else "every block" if every == 1 else f"1 block in {every}"
+    return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
+            "checkpointing": checkpointing}
+
+
 def build_model(config: Config, world: int, device: torch.device, dtype: torch.dtype):
     """-> (DeepSpeed engine, LoRA parameters, lr scheduler): the DiT with its adapter, placed by DeepSpeed, then
     the frozen base quantized and the speed levers applied (model/transformer.py)."""
-    from longcat_ray.model.attention import resolve_backend
     from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, quantize_base, speed_up_training
     from longcat_ray.zero import frozen_weights_replaceable, init_engine
 
-    train = config.train
+    train, levers = config.train, resolved_levers(config, device)
     transformer = load_transformer(config.model, dtype, device)
     checkpoint_blocks(transformer, train.gradient_checkpointing, train.gradient_checkpointing_interval)
     params = add_lora(transformer, config.lora, train.seed)
     engine, scheduler = init_engine(transformer, params, train, world)
     with frozen_weights_replaceable(engine):
-        quantize_base(transformer, config.model.base_model_precision)
-    weight_only = config.model.base_model_precision in ("int8-torchao", "fp8-torchao")  # compile cannot take them
-    compile = train.compile if train.compile is not None else device.type == "cuda" and not weight_only
-    speed_up_training(transformer, resolve_backend(train.attention, device), compile)
+        quantize_base(transformer, levers["base_model_precision"])
+    speed_up_training(transformer, levers["attention"], levers["compile"])
     return engine, params, scheduler
 
 

@@ -83,7 +83,12 @@ def test_comment_stripping_keeps_strings_and_lines():
         ({"learning_rate": "fast"}, {}, ["'learning_rate'", "fast"]),
         ({"lora_rank": 0}, {}, ["'lora_rank'"]),
         ({"lr_scheduler": "sgdr"}, {}, ["'lr_scheduler'", "cosine"]),
-        ({"base_model_precision": "fp4"}, {}, ["'base_model_precision'", "int8-torchao"]),
+        ({"base_model_precision": "fp4"}, {}, ["'base_model_precision'", "int8-torchao", "fp8-matmul"]),
+        ({"base_model_precision": "fp8-matmul", "zero_stage": 3}, {}, ["'base_model_precision'", "zero_stage 3", '"zero_stage": 2']),
+        ({"base_model_precision": "int8-quanto", "compile": True}, {}, ["'compile'", "int8-torchao", "fp8-matmul"]),
+        ({"gradient_checkpointing_interval": 0}, {}, ["'gradient_checkpointing_interval'"]),
+        ({"attention": "flash3"}, {}, ["'attention'", "cudnn"]),
+        ({"profile_steps": [5, 2]}, {}, ["'profile_steps'", "first <= last"]),
         ({}, {"caption_strategy": "instanceprompt"}, ["instance_prompt"]),
     ],
 )
