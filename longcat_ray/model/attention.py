@@ -58,8 +58,9 @@ class TrainingAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
-        if attention_mask is not None:
-            raise ValueError("TrainingAttnProcessor takes no attention mask (LongCat's training sequence has none)")
+        if attention_mask is not None or getattr(attn, "fused_projections", False):
+            raise ValueError("TrainingAttnProcessor takes no attention mask (LongCat's training sequence has none) "
+                             "and no fused q/k/v projections (LoRA targets the separate to_q/to_k/to_v)")
         heads = lambda t: t.unflatten(-1, (attn.heads, -1))  # noqa: E731  [b, L, h*d] -> [b, L, h, d]
         query = attn.norm_q(heads(attn.to_q(hidden_states)))
         key = attn.norm_k(heads(attn.to_k(hidden_states)))
