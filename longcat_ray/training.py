@@ -445,8 +445,8 @@ class TrainingLoop:
         train = self.config.train
         print(
             f"step {metrics['step']}/{train.max_train_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-            f"{metrics['samples_per_s']:.2f} samples/s  {metrics['step_time_s']:.3f} s/step  "
-            f"peak {metrics['peak_gib']:.1f} GiB",
+            f"{metrics['samples_per_s']:.2f} samples/s  {metrics['step_time_s']:.3f} s/step"
+            + (f"  peak {metrics['peak_gib']:.1f} GiB" if self.device.type == "cuda" else ""),
             flush=True,
         )
         if self.writer:
