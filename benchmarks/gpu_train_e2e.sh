@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (../shared/gpu/README.md): install the carried wheels (once per machine), the GPU-only tests,
 # then benchmarks/train_e2e.py with the given arguments. Everything lands under $OUT.
-#   bash benchmarks/gpu_train_e2e.sh --baseline --rows fast_fp8,fast,plain
+#   bash benchmarks/gpu_train_e2e.sh --rows plain,fast,fast_fp8   (the eager baseline runs first, same call)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ ! -e /tmp/site/.done ]; then

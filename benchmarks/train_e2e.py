@@ -1,7 +1,7 @@
 """End-to-end training benchmark: `longcat-ray train` itself, beside the plain eager loop, in one process tree.
 
 1. The eager baseline (benchmarks/baseline_eager.py: torch + peft + fused AdamW, FlashAttention-2) on the same
-   card, in a subprocess, before anything else holds GPU memory.
+   card, in a subprocess, before anything else holds GPU memory (always on a GPU unless --no-baseline).
 2. A workspace: a pipeline folder with the full-size DiT (random bf16 weights, the real config) beside small
    random encoders whose prompt embeddings have the real shape (3584 wide, 710 tokens at 768²), `--pairs`
    synthetic 768² pairs, and a SimpleTuner config; `longcat-ray cache` builds the cache (Ray Data).
@@ -10,7 +10,7 @@
    (output_dir/logs/metrics-rank0.jsonl) after the first `--skip` steps; the warm-up (setup + the steps
    skipped) is reported apart, as are the first 10 losses (same seed and data order in every row).
 
-    python -m benchmarks.train_e2e --rows plain,fast,fast_fp8 [--steps 30] [--pairs 64] [--baseline]
+    python -m benchmarks.train_e2e --rows plain,fast,fast_fp8 [--steps 30] [--pairs 64] [--no-baseline]
     python -m benchmarks.train_e2e --size tiny --rows plain,fast_fp8 --steps 10 --pairs 8   # CPU smoke run
 
 Writes $OUT/train_e2e_<card>.json ({"card", "date", "commit", "rows": [...]}) after every row.
@@ -93,7 +93,8 @@ def save_full_pipeline(model_dir: Path) -> None:
     shutil.rmtree(model_dir)  # no tiny weight file may stay beside the full model's shards
     pipe.save_pretrained(model_dir)
     del pipe
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_baseline(out: Path) -> dict:
@@ -201,7 +202,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=768)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady state (compile, warm-up)")
-    parser.add_argument("--baseline", action="store_true", help="run the eager baseline first (GPU)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the eager baseline (by default it runs first on a GPU, in the same call as the rows)")
     parser.add_argument("--profile", default="", help="rows to run torch.profiler in (two steps near the end)")
     parser.add_argument("--work", default="/tmp/longcat-ray-e2e", help="workspace (reused when complete)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -211,7 +213,7 @@ def main() -> None:
     out = Path(args.out)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"card": card, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "command": " ".join(sys.argv),
-              "baseline": run_baseline(out) if args.baseline else {}, "rows": []}
+              "baseline": run_baseline(out) if torch.cuda.is_available() and not args.no_baseline else {}, "rows": []}
     write(result, out)
     built = time.perf_counter()
     config_path = build_workspace(Path(args.work), args.size, args.pairs, args.side)

@@ -170,9 +170,7 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def pin_batch(item: Any) -> Any:
+def pin_batch(item: tuple[list[str], dict[str, torch.Tensor]]) -> tuple[list[str], dict[str, torch.Tensor]]:
     """(sample ids, tensors) -> the same with the tensors in pinned host memory when a GPU will read them."""
-    if not torch.cuda.is_available() or not isinstance(item, tuple):
-        return item
     ids, tensors = item
-    return ids, {kind: t.pin_memory() for kind, t in tensors.items()}
+    return (ids, {kind: t.pin_memory() for kind, t in tensors.items()}) if torch.cuda.is_available() else item

@@ -178,10 +178,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else torch.float32
+    levers = resolved_levers(config, device)
     if rank == 0:
-        levers = ", ".join(f"{k} {v}" for k, v in resolved_levers(config, device).items())
-        print(f"training on {world} x {device.type}: {levers}", flush=True)
-    engine, params, scheduler = build_model(config, world, device, dtype)
+        print(f"training on {world} x {device.type}: " + ", ".join(f"{k} {v}" for k, v in levers.items()), flush=True)
+    engine, params, scheduler = build_model(config, levers, world, device, dtype)
     state = WorkerState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -207,13 +207,13 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
             "checkpointing": checkpointing}
 
 
-def build_model(config: Config, world: int, device: torch.device, dtype: torch.dtype):
+def build_model(config: Config, levers: dict[str, Any], world: int, device: torch.device, dtype: torch.dtype):
     """-> (DeepSpeed engine, LoRA parameters, lr scheduler): the DiT with its adapter, placed by DeepSpeed, then
-    the frozen base quantized and the speed levers applied (model/transformer.py)."""
+    the frozen base quantized and the speed levers (`resolved_levers`) applied (model/transformer.py)."""
     from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, quantize_base, speed_up_training
     from longcat_ray.zero import frozen_weights_replaceable, init_engine
 
-    train, levers = config.train, resolved_levers(config, device)
+    train = config.train
     transformer = load_transformer(config.model, dtype, device)
     checkpoint_blocks(transformer, train.gradient_checkpointing, train.gradient_checkpointing_interval)
     params = add_lora(transformer, config.lora, train.seed)
@@ -343,6 +343,8 @@ class TrainingLoop:
             self.validate()
         if checkpoint:
             self.checkpoint(metrics)
+        if not self.window.losses:  # validation and checkpoint time stays out of the next window's s/step
+            self.window.opened = time.perf_counter()
 
     def metrics(self) -> dict[str, Any]:
         """Closes the window (one host-device sync) -> this rank's metrics of it; later calls without new steps

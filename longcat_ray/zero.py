@@ -22,8 +22,9 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.train_batch_size * train.gradient_accumulation_steps * world_size,
         "gradient_clipping": train.max_grad_norm,
-        # DeepSpeed's bf16 overflow check tests every LoRA tensor for inf/nan each step (~360 small kernels and a
-        # host sync: ~40 ms of host time per step on an H200, enough to leave the GPU waiting). The training loop
+        # DeepSpeed's bf16 overflow check tests each of the ~360 LoRA tensors for inf/nan every step (several small
+        # kernels per tensor, then a host sync; `aten::isfinite` alone took 40 ms of host time per step under the
+        # profiler on an H200, benchmarks/RESULTS.md). The training loop
         # checks the losses instead and stops on a non-finite one before it can be checkpointed (training.py).
         "bf16": {"enabled": train.mixed_precision == "bf16", "check_grad_overflow": False},
         "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
@@ -71,8 +72,8 @@ def frozen_weights_replaceable(engine):
     """Inside the block, frozen weights swapped out of the module (a quantized base) are freed as they go.
 
     `deepspeed.initialize` keeps a {parameter: name} map of every parameter, shared with its ZeRO optimizer;
-    left alone it holds the replaced bf16 base alive beside its quantized copy (+4.2 GiB of peak memory with
-    fp8-matmul on an H200). The map is edited in place (the optimizer holds the same dict): frozen entries
+    left alone it holds the replaced bf16 base alive beside its quantized copy (on an H200 the fp8-matmul row
+    peaked 4.2 GiB above bf16's: the fp8 copies' computed size). The map is edited in place (the optimizer holds the same dict): frozen entries
     leave before the block, the module's current parameters are named again after it."""
     names = engine.param_names
     for param in [p for p in names if not p.requires_grad]:

@@ -176,6 +176,7 @@ def test_speed_levers_train_the_same_model(zero2, tiny, tmp_path):
     train(config, progress=False)
     fast, slow = step_losses(tmp_path), step_losses(plain.train.output_dir)[:8]
     assert len(fast) == 8
+    assert fast != slow  # fp8 really ran: it moves the low bits (a silently skipped conversion would not)
     assert fast == pytest.approx(slow, rel=0.02)
     first = sorted(glob.glob(os.path.join(plain.train.output_dir, "run", "checkpoint_*")))[0]
     theirs, mine = load_file(os.path.join(first, "lora", LORA_FILE)), load_file(os.path.join(tmp_path, LORA_FILE))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "cudnn", "sdpa")
+KERNELS = ("cudnn", "sdpa")  # what `resolve_backend` turns the config's auto/cudnn/sdpa into
 
 
 class ContiguousGrad(torch.autograd.Function):
@@ -81,6 +81,6 @@ class TrainingAttnProcessor:
 
 def use_training_attention(transformer, backend: str) -> None:
     """Every attention module of the DiT runs `TrainingAttnProcessor(backend)`."""
-    if backend not in ("cudnn", "sdpa"):
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in KERNELS:
+        raise ValueError(f"attention backend must be one of {KERNELS} (resolve `auto` first), got {backend!r}")
     transformer.set_attn_processor(TrainingAttnProcessor(backend))

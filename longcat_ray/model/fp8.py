@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-MIN_FEATURES = 1024
 
 
 def scale_to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +73,7 @@ class Float8FrozenLinear(torch.nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-tensor"
 
 
-def fits_float8(linear: torch.nn.Linear, min_features: int = MIN_FEATURES) -> bool:
+def fits_float8(linear: torch.nn.Linear, min_features: int) -> bool:
     """_scaled_mm needs both weight dims to be multiples of 16; small linears are not worth it."""
     rows, cols = linear.weight.shape
     return rows % 16 == 0 and cols % 16 == 0 and min(rows, cols) >= min_features
@@ -83,10 +82,9 @@ def fits_float8(linear: torch.nn.Linear, min_features: int = MIN_FEATURES) -> bo
 SKIP = ("lora_", "norm", "time_embed")
 
 
-def convert_to_float8(model: torch.nn.Module, min_features: int = MIN_FEATURES, skip: tuple[str, ...] = SKIP) -> int:
+def convert_to_float8(model: torch.nn.Module, min_features: int, skip: tuple[str, ...] = SKIP) -> None:
     """Swap every frozen nn.Linear that fits (both dims >= `min_features`; not LoRA's, not the per-sample
-    modulation linears, whose input is one row) for a Float8FrozenLinear, in place; returns how many."""
-    swapped = 0
+    modulation linears, whose input is one row) for a Float8FrozenLinear, in place."""
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             fqn = f"{name}.{child_name}" if name else child_name
@@ -94,5 +92,3 @@ def convert_to_float8(model: torch.nn.Module, min_features: int = MIN_FEATURES, 
                 continue
             if fits_float8(child, min_features):
                 setattr(parent, child_name, Float8FrozenLinear(child))
-                swapped += 1
-    return swapped
