@@ -33,7 +33,7 @@ FULL_DIT = dict(patch_size=1, in_channels=64, num_layers=10, num_single_layers=2
                 num_attention_heads=24, joint_attention_dim=3584, pooled_projection_dim=3584, axes_dims_rope=[16, 56, 56])
 # Each row: config keys over the workspace's config (SimpleTuner's flat names). "plain" is the product with every
 # speed lever off (the path measured in issue 14's table).
-LEVERS_OFF = {"compile": False, "attention": "sdpa", "base_model_precision": "no_change"}
+LEVERS_OFF = {"compile": False, "attention": "sdpa", "base_model_precision": "no_change", "zero_stage": 2}
 ROWS: dict[str, dict] = {
     "plain": {**LEVERS_OFF, "gradient_checkpointing": False},
     "plain_ckpt": {**LEVERS_OFF, "gradient_checkpointing": True},
@@ -41,6 +41,10 @@ ROWS: dict[str, dict] = {
     "compile": {**LEVERS_OFF, "compile": True, "gradient_checkpointing": False},
     "fast": {"compile": True, "attention": "auto", "gradient_checkpointing": False},
     "fast_fp8": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False},
+    "fast_fp8_z2": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False,
+                    "zero_stage": 2},
+    "fast_fp8_cg": {"compile": True, "compile_mode": "reduce-overhead", "attention": "auto", "base_model_precision": "fp8-matmul",
+                    "gradient_checkpointing": False},
     "fast_ckpt": {"compile": True, "attention": "auto", "gradient_checkpointing": True},
     "fast_fp8_ckpt": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True},
     "fast_fp8_ckpt2": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
@@ -144,7 +148,9 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
         "grad_ckpt_interval": row.get("gradient_checkpointing_interval"),
         "base_model_precision": row.get("base_model_precision", "no_change"),
         "compile": row.get("compile"),
+        "compile_mode": row.get("compile_mode", "default"),
         "attention": row.get("attention"),
+        "zero_stage": row.get("zero_stage", 1),
         "s_per_sample": round(s, 4),
         "samples_per_s": round(1 / s, 3),
         "mfu_989": round(tflop / (s * gpus) / PEAK_TFLOPS, 3),

@@ -88,6 +88,9 @@ class TrainConfig(Section):
     compile: bool | None = None
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
+    """torch.compile's mode for those blocks: `reduce-overhead` replays each compiled block's kernels as a CUDA
+    graph (less host time per step, more GPU memory for the graphs' pools)."""
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""
@@ -116,8 +119,10 @@ class TrainConfig(Section):
     """Share of samples whose instruction is blanked (the reference is kept, as the official trainer)."""
     mixed_precision: Literal["bf16", "no"] = "bf16"
     """Compute dtype of the trained model: bf16, or `no` for float32 (CPU tests)."""
-    zero_stage: Literal[1, 2, 3] = 2
-    """DeepSpeed ZeRO stage."""
+    zero_stage: Literal[1, 2, 3] = 1
+    """DeepSpeed ZeRO stage. 1 (default) partitions the optimizer state; 2 also the gradients, through a Python
+    hook on every LoRA tensor during the backward (host time that, on one H200, the step waits for; a LoRA's
+    gradients are a few hundred MB, so 2 saves little memory); 3 also the frozen base (no quantized base)."""
     num_workers: int | None = Field(None, ge=1)
     """Training workers (one per GPU); default: every GPU of the cluster, or 2 CPU workers without GPUs."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -27,7 +27,9 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         # profiler on an H200, benchmarks/RESULTS.md). The training loop
         # checks the losses instead and stops on a non-finite one before it can be checkpointed (training.py).
         "bf16": {"enabled": train.mixed_precision == "bf16", "check_grad_overflow": False},
-        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        # No gradient hooks at stage 1: contiguous_gradients (a copy of each gradient into one buffer as the backward
+        # makes it, against fragmentation) pays for itself only with full-model gradients, not a LoRA's.
+        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

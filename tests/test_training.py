@@ -41,8 +41,9 @@ def tiny_config(tiny, out, **train):
 
 
 @pytest.fixture(scope="module")
-def zero2(tiny, ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero2")
+def reference(tiny, ray_local, tmp_path_factory):
+    """The tiny config as it is: 2 CPU workers, ZeRO-1 (the default)."""
+    out = tmp_path_factory.mktemp("reference")
     return tiny_config(tiny, out), train(tiny_config(tiny, out), progress=False)
 
 
@@ -72,10 +73,10 @@ def eval_loss(transformer, config) -> float:
     return sum(losses) / len(losses)
 
 
-def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(zero2, tiny_pipe, tiny):
+def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(reference, tiny_pipe, tiny):
     from peft import PeftModel
 
-    config, result = zero2
+    config, result = reference
     out = config.train.output_dir
     assert result.steps == STEPS
     base = eval_loss(tiny_pipe.transformer, config)
@@ -113,13 +114,13 @@ def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(zero2, tiny_pipe, t
     assert (before - after).abs().mean() > 1.0
 
 
-def test_zero3_export_equals_zero2(zero2, tiny, tmp_path):
-    config, _ = zero2
+def test_zero3_export_equals_the_default_zero1_run(reference, tiny, tmp_path):
+    config, _ = reference
     train(tiny_config(tiny, tmp_path, zero_stage=3), progress=False)
-    two, three = load_file(os.path.join(config.train.output_dir, LORA_FILE)), load_file(os.path.join(tmp_path, LORA_FILE))
-    assert two.keys() == three.keys()
-    for key in two:
-        torch.testing.assert_close(three[key], two[key], atol=1e-4, rtol=1e-3)
+    one, three = load_file(os.path.join(config.train.output_dir, LORA_FILE)), load_file(os.path.join(tmp_path, LORA_FILE))
+    assert one.keys() == three.keys()
+    for key in one:
+        torch.testing.assert_close(three[key], one[key], atol=1e-4, rtol=1e-3)
 
 
 def logged_losses(out) -> dict[int, float]:
@@ -130,10 +131,10 @@ def logged_losses(out) -> dict[int, float]:
     return {event.step: event.value for event in events.Scalars("train/loss")}
 
 
-def test_streamed_then_resumed_from_the_cache_trains_as_the_cache_alone(zero2, tiny, tmp_path):
+def test_streamed_then_resumed_from_the_cache_trains_as_the_cache_alone(reference, tiny, tmp_path):
     """Steps 1-12 streamed (encoded on the fly, only the validation pairs cached), steps 13-24 resumed from the
     checkpoint with the cache: the same samples, losses and final weights as the cached run without a stop."""
-    cached, _ = zero2
+    cached, _ = reference
     streamed = tiny_config(tiny, tmp_path, max_train_steps=STEPS // 2)
     streamed.data.cache_streaming = True
     streamed.data.text_cache_dir = str(tmp_path / "stream-cache" / "text")
@@ -164,12 +165,12 @@ def step_losses(out) -> list[float]:
         return [loss for line in handle for loss in json.loads(line)["losses"]]
 
 
-def test_speed_levers_train_the_same_model(zero2, tiny, tmp_path):
+def test_speed_levers_train_the_same_model(reference, tiny, tmp_path):
     """fp8 matmuls on the frozen base + every-other-block checkpointing, through the whole loop for 8 steps: the
     same losses step by step and the same LoRA as the plain run's checkpoint at step 8, within fp8's error
     (e4m3 activations and weights, e5m2 gradients). The other levers (compile, cuDNN attention) are checked at
     the model level in tests/model (compile) and on a GPU (cuDNN)."""
-    plain, _ = zero2
+    plain, _ = reference
     config = tiny_config(tiny, tmp_path, max_train_steps=8, gradient_checkpointing_interval=2)
     config.model.base_model_precision = "fp8-matmul"
     config.validation.steps = 0
