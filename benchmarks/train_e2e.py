@@ -43,8 +43,6 @@ ROWS: dict[str, dict] = {
     "fast_fp8": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False},
     "fast_fp8_z2": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False,
                     "zero_stage": 2},
-    "fast_fp8_cg": {"compile": True, "compile_mode": "reduce-overhead", "attention": "auto", "base_model_precision": "fp8-matmul",
-                    "gradient_checkpointing": False},
     "fast_ckpt": {"compile": True, "attention": "auto", "gradient_checkpointing": True},
     "fast_fp8_ckpt": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True},
     "fast_fp8_ckpt2": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
@@ -148,7 +146,6 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
         "grad_ckpt_interval": row.get("gradient_checkpointing_interval"),
         "base_model_precision": row.get("base_model_precision", "no_change"),
         "compile": row.get("compile"),
-        "compile_mode": row.get("compile_mode", "default"),
         "attention": row.get("attention"),
         "zero_stage": row.get("zero_stage", 1),
         "s_per_sample": round(s, 4),
@@ -179,9 +176,9 @@ def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     windows = [json.loads(line) for line in log.read_text().splitlines()]
     result = summarise(name, windows, args.skip, args.side, baseline, config.train.profile_steps)
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    profile = log.with_name("profile-rank0.txt")
-    if profile.exists():
-        shutil.copy(profile, Path(args.out) / f"profile_{name}.txt")
+    for written, kept in (("profile-rank0.txt", f"profile_{name}.txt"), ("trace-rank0.json.gz", f"trace_{name}.json.gz")):
+        if log.with_name(written).exists():
+            shutil.copy(log.with_name(written), Path(args.out) / kept)
     return result
 
 

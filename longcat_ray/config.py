@@ -88,9 +88,6 @@ class TrainConfig(Section):
     compile: bool | None = None
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""
-    compile_mode: Literal["default", "reduce-overhead"] = "default"
-    """torch.compile's mode for those blocks: `reduce-overhead` replays each compiled block's kernels as a CUDA
-    graph (less host time per step, more GPU memory for the graphs' pools)."""
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""

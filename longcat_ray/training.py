@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from longcat_ray.cache import CachePlan
 from longcat_ray.config import Config
+from longcat_ray.profiling import StepProfiler
 from longcat_ray.reader import kind_options_key as kind_key
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
 
@@ -204,7 +206,7 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     every = train.gradient_checkpointing_interval or 1
     checkpointing = "off" if not train.gradient_checkpointing else "every block" if every == 1 else f"1 block in {every}"
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
-            "compile_mode": train.compile_mode if compile else None, "checkpointing": checkpointing,
+            "checkpointing": checkpointing,
             "zero_stage": train.zero_stage}
 
 
@@ -221,7 +223,7 @@ def build_model(config: Config, levers: dict[str, Any], world: int, device: torc
     engine, scheduler = init_engine(transformer, params, train, world)
     with frozen_weights_replaceable(engine):
         quantize_base(transformer, levers["base_model_precision"])
-    speed_up_training(transformer, levers["attention"], levers["compile"], mode=levers["compile_mode"])
+    speed_up_training(transformer, levers["attention"], levers["compile"])
     return engine, params, scheduler
 
 
@@ -325,9 +327,12 @@ class TrainingLoop:
         # caption dropout picks rows on the host: only the chosen embedding is copied to the device
         prompts = choose_prompts(tensors["text"], tensors.get("blank"), train.caption_dropout_probability, generator)
         move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
-        loss = flow_matching_loss(self.engine, move(tensors["edit"]), move(tensors["ref"]), move(prompts), generator)
-        self.engine.backward(loss)
-        self.engine.step()
+        with record_function("lcr:forward"):  # phases named in a profile's trace (StepProfiler)
+            loss = flow_matching_loss(self.engine, move(tensors["edit"]), move(tensors["ref"]), move(prompts), generator)
+        with record_function("lcr:backward"):
+            self.engine.backward(loss)
+        with record_function("lcr:step"):
+            self.engine.step()
         self.state.micro_step += 1
         self.window.add(loss, tensors["edit"].shape[0])
 
@@ -475,51 +480,3 @@ class TrainingLoop:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, name), "a") as handle:
             handle.write(json.dumps(record) + "\n")
-
-
-class StepProfiler:
-    """torch.profiler over optimizer steps [first, last] (TrainConfig.profile_steps); writes the tables sorted by
-    device time and by host time, and the step's wall time against the device's busy time."""
-
-    def __init__(self, steps: tuple[int, int] | None, device: torch.device, directory: str | None):
-        self.steps, self.device, self.directory, self.active = steps, device, directory, None
-
-    def at_step(self, done: int) -> None:
-        """Called before each micro-batch with the optimizer steps done so far."""
-        if not self.steps or not self.directory:
-            return
-        first, last = self.steps
-        if self.active is None and done == first - 1:
-            self.start()
-        elif self.active is not None and done == last:
-            self.finish(last - first + 1)
-
-    def start(self) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.active, self.opened = profile(activities=activities), time.perf_counter()
-        self.active.__enter__()
-
-    def finish(self, steps: int) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        from torch.autograd import DeviceType
-
-        wall = time.perf_counter() - self.opened
-        self.active.__exit__(None, None, None)
-        events = self.active.key_averages()
-        # kernels only (the ops that launch them carry the same time again), as the table's own total counts them
-        kernels = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
-        device_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
-        header = (f"profiled {steps} optimizer steps (the profiler slows the host): wall {wall / steps * 1e3:.1f} ms "
-                  f"per step, device busy {device_ms:.1f} ms per step (kernel time; overlapping streams count twice)\n\n")
-        tables = [events.table(sort_by=key, row_limit=40, max_name_column_width=70)
-                  for key in ("self_device_time_total", "self_cpu_time_total")]
-        os.makedirs(self.directory, exist_ok=True)
-        with open(os.path.join(self.directory, "profile-rank0.txt"), "w") as handle:
-            handle.write(header + "\n\n".join(tables))
-        print(header.strip(), flush=True)
-        self.steps, self.active = None, None

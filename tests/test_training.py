@@ -211,18 +211,6 @@ def test_killed_worker_is_replaced_and_the_run_finishes(tiny, ray_local, tmp_pat
     assert os.path.exists(os.path.join(tmp_path, LORA_FILE))
 
 
-def test_step_profiler_writes_where_the_time_goes(tmp_path):
-    from longcat_ray.training import StepProfiler
-
-    profiler = StepProfiler((2, 3), torch.device("cpu"), str(tmp_path))
-    x = torch.randn(64, 64)
-    for done in range(5):
-        profiler.at_step(done)
-        x = (x @ x).tanh()
-    text = (tmp_path / "profile-rank0.txt").read_text()
-    assert text.startswith("profiled 2 optimizer steps") and "aten::mm" in text
-
-
 def test_a_non_finite_loss_stops_the_run_naming_the_steps():
     from longcat_ray.training import NonFiniteLoss, check_finite
 

@@ -73,15 +73,12 @@ def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
     transformer.use_single_checkpoint = [i % every == 0 for i in range(len(transformer.single_transformer_blocks))]
 
 
-def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor",
-                      mode: str | None = None) -> None:
+def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor") -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
     repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
-    `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels);
-    `mode`: inductor's (`reduce-overhead`: each block's kernels replayed as CUDA graphs)."""
+    `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels)."""
     from longcat_ray.model.attention import use_training_attention
 
     use_training_attention(transformer, attention)
     if compile:
-        modes = {"mode": mode} if backend == "inductor" and mode not in (None, "default") else {}
-        transformer.compile_repeated_blocks(fullgraph=False, backend=backend, **modes)
+        transformer.compile_repeated_blocks(fullgraph=False, backend=backend)
