@@ -35,11 +35,11 @@ def busy_intervals(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
 def idle_by_phase(events: list[dict[str, Any]]) -> dict[str, float]:
     """-> µs the device sat idle (between its first and last activity) while the host was in each phase.
 
-    A phase is a `lcr:<name>` annotation on the host (the outermost one covering that moment); idle time that
-    no annotation covers is `other`. Idle under a phase means the device waited for the host's work there."""
+    A phase is a `lcr:<name>` annotation on the host (the profiler also draws it on the device's timeline: not
+    that one); idle time that no annotation covers is `other`. Idle under a phase means the device waited for the host's work there."""
     busy = busy_intervals(events)
     phases = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"][len(PHASE_PREFIX):]) for e in events
-                    if e.get("ph") == "X" and str(e.get("name", "")).startswith(PHASE_PREFIX))
+                    if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith(PHASE_PREFIX))
     idle: dict[str, float] = {}
     for (_, gap_start), (gap_end, _) in zip(busy, busy[1:]):
         covered = 0.0

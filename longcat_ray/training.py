@@ -206,7 +206,7 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     every = train.gradient_checkpointing_interval or 1
     checkpointing = "off" if not train.gradient_checkpointing else "every block" if every == 1 else f"1 block in {every}"
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
-            "checkpointing": checkpointing,
+            "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing,
             "zero_stage": train.zero_stage}
 
 
@@ -223,7 +223,7 @@ def build_model(config: Config, levers: dict[str, Any], world: int, device: torc
     engine, scheduler = init_engine(transformer, params, train, world)
     with frozen_weights_replaceable(engine):
         quantize_base(transformer, levers["base_model_precision"])
-    speed_up_training(transformer, levers["attention"], levers["compile"])
+    speed_up_training(transformer, levers["attention"], levers["compile"], cpp_wrapper=levers["compile_wrapper"] == "cpp")
     return engine, params, scheduler
 
 

@@ -18,7 +18,8 @@ def phase(name, ts, dur):
 def test_device_idle_is_split_by_what_the_host_was_doing():
     # device: busy 0-10 and 5-20 (overlapping), idle 20-30, busy 30-40, idle 40-60, busy 60-70
     events = [kernel(0, 10), kernel(5, 15), kernel(30, 10), kernel(60, 10),
-              phase("forward", 0, 25), phase("step", 45, 10), {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 20, "dur": 50}]
+              phase("forward", 0, 25), phase("step", 45, 10), {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 20, "dur": 50},
+              {**phase("forward", 0, 70), "cat": "gpu_user_annotation"}]  # the device-side copy of a phase: not the host
     assert busy_intervals(events) == [(0, 20), (30, 40), (60, 70)]
     # 20-25 under forward, 25-30 other; 40-45 other, 45-55 step, 55-60 other
     assert idle_by_phase(events) == {"forward": 5, "other": 15, "step": 10}

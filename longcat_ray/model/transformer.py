@@ -73,12 +73,14 @@ def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
     transformer.use_single_checkpoint = [i % every == 0 for i in range(len(transformer.single_transformer_blocks))]
 
 
-def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor") -> None:
+def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False) -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
     repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
-    `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels)."""
+    `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels);
+    `cpp_wrapper`: inductor's C++ wrapper around the kernels instead of Python."""
     from longcat_ray.model.attention import use_training_attention
 
     use_training_attention(transformer, attention)
     if compile:
-        transformer.compile_repeated_blocks(fullgraph=False, backend=backend)
+        options = {"options": {"cpp_wrapper": True}} if cpp_wrapper and backend == "inductor" else {}
+        transformer.compile_repeated_blocks(fullgraph=False, backend=backend, **options)
