@@ -89,8 +89,9 @@ class TrainConfig(Section):
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""
     compile_wrapper: Literal["python", "cpp"] = "python"
-    """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper (less host time per kernel
-    launch, which bounds a LoRA step on an H200; a longer first compile)."""
+    """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper, meant to cut the host time
+    per kernel launch that bounds a LoRA step on an H200. Experimental: not yet measured on a GPU (its first
+    attempt hit pytorch#178845; the process-wide setting that avoids it is what `cpp` now uses)."""
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""

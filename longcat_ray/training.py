@@ -168,6 +168,30 @@ class WorkerState:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Per worker: model + LoRA + DeepSpeed engine, resume, then micro-batches from the epoch plan."""
+    try:
+        run_worker(loop_config)
+    except Exception as err:
+        sent = sendable(err)
+        if sent is err:
+            raise
+        raise sent from None
+
+
+def sendable(err: Exception) -> Exception:
+    """`err`, or a RuntimeError with its type, message and traceback when Ray cannot pickle it back to the driver
+    (an InductorError holds a frame: the user would read only "cannot pickle 'frame' object")."""
+    import traceback
+
+    from ray import cloudpickle
+
+    try:
+        cloudpickle.dumps(err)
+        return err
+    except Exception:  # noqa: BLE001 -- whatever stops the pickling, the text still travels
+        return RuntimeError("".join(traceback.format_exception(err)).rstrip())
+
+
+def run_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from longcat_ray.zero import load_checkpoint

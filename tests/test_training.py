@@ -217,3 +217,25 @@ def test_a_non_finite_loss_stops_the_run_naming_the_steps():
     check_finite([1.0, 0.5], step=10, steps=2)
     with pytest.raises(NonFiniteLoss, match="within steps 9-10"):
         check_finite([1.0, float("nan")], step=10, steps=2)
+
+
+def test_a_worker_error_ray_cannot_pickle_reaches_the_driver_as_text():
+    """torch.compile's InductorError holds a frame: Ray would report only "cannot pickle 'frame' object"."""
+    import sys
+
+    from longcat_ray.training import sendable
+
+    class HoldsAFrame(Exception):
+        def __init__(self, message):
+            super().__init__(message)
+            self.frame = sys._getframe()
+
+    try:
+        raise HoldsAFrame("CudaKernelParamCache not populated for triton_red_fused_0")
+    except HoldsAFrame as err:
+        sent = sendable(err)
+    assert isinstance(sent, RuntimeError)
+    assert "HoldsAFrame: CudaKernelParamCache not populated for triton_red_fused_0" in str(sent)
+    assert "Traceback" in str(sent) and "test_a_worker_error_ray_cannot_pickle" in str(sent)
+    plain = ValueError("bad key")
+    assert sendable(plain) is plain  # what Ray can send goes as it is (its type kept)

@@ -82,5 +82,10 @@ def speed_up_training(transformer, attention: str, compile: bool, backend: str =
 
     use_training_attention(transformer, attention)
     if compile:
-        options = {"options": {"cpp_wrapper": True}} if cpp_wrapper and backend == "inductor" else {}
-        transformer.compile_repeated_blocks(fullgraph=False, backend=backend, **options)
+        if cpp_wrapper and backend == "inductor":
+            # process-wide: a per-compile option misses the backward, compiled later (pytorch#178845: "CudaKernelParamCache
+            # not populated", hit on the H200 with torch 2.11)
+            import torch._inductor.config as inductor
+
+            inductor.cpp_wrapper = True
+        transformer.compile_repeated_blocks(fullgraph=False, backend=backend)
