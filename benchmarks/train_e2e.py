@@ -5,7 +5,7 @@
 2. A workspace: a pipeline folder with the full-size DiT (random bf16 weights, the real config) beside small
    random encoders whose prompt embeddings have the real shape (3584 wide, 710 tokens at 768²), `--pairs`
    synthetic 768² pairs, and a SimpleTuner config; `longcat-ray cache` builds the cache (Ray Data).
-3. Per row, `longcat_ray.training.train` (what `longcat-ray train` calls): Ray Train + DeepSpeed ZeRO-2 reading
+3. Per row, `longcat_ray.training.train` (what `longcat-ray train` calls): Ray Train + DeepSpeed (ZeRO-1 unless the row says) reading
    the cache through Ray Data. Steady-state s/sample comes from the loop's own log windows
    (output_dir/logs/metrics-rank0.jsonl) after the first `--skip` steps; the warm-up (setup + the steps
    skipped) is reported apart, as are the first 10 losses (same seed and data order in every row).

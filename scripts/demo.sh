@@ -17,7 +17,7 @@ echo "== 3. latent cache (Ray Data on encoder actors); the second run reuses eve
 $CLI cache --config "$DEMO/config/config.json"
 $CLI cache --config "$DEMO/config/config.json"
 
-echo "== 4. LoRA training: Ray Train, 2 CPU workers, DeepSpeed ZeRO-2 on gloo (re-running resumes)"
+echo "== 4. LoRA training: Ray Train, 2 CPU workers, DeepSpeed ZeRO-1 on gloo (re-running resumes)"
 $CLI train --config "$DEMO/config/config.json"
 
 echo "== 5. one edit with the tiny pipeline (the one inference path)"
