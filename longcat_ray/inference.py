@@ -13,6 +13,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from longcat_ray.lora_files import LoraError, LoraWeights, read_lora
 from longcat_ray.model import flow
 from longcat_ray.model.latents import (
     PIXELS_PER_TOKEN,
@@ -181,10 +182,6 @@ def edit_image(
     return decode_image(pipe.vae, latents, request.width, request.height)
 
 
-class LoraError(ValueError):
-    """A LoRA file that does not fit the loaded transformer; the message names the keys."""
-
-
 def parse_lora(spec: str) -> tuple[str, float]:
     """`path` or `path:scale` (a Windows-style `C:` prefix is not a scale)."""
     path, _, scale = spec.rpartition(":")
@@ -194,52 +191,38 @@ def parse_lora(spec: str) -> tuple[str, float]:
         return spec, 1.0
 
 
-def lora_file(path: str) -> str:
-    """A LoRA directory (exported by longcat-ray) or a .safetensors file -> the file."""
-    import os
-
-    from longcat_ray.export import LORA_FILE
-
-    file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
-    if not file.endswith(".safetensors"):
-        raise LoraError(f"{path}: LoRA weights load from .safetensors only (never pickle): expected {LORA_FILE}")
-    if not os.path.exists(file):
-        raise LoraError(f"{file}: no such LoRA file")
-    return file
-
-
-def check_lora(transformer, file: str) -> None:
-    """Every key must name a module of this transformer with matching shapes: another base model or a
-    config mismatch is reported key by key instead of a bare size-mismatch traceback."""
-    from safetensors import safe_open
-
+def check_lora(transformer, weights: LoraWeights) -> None:
+    """Every factor must fit a linear layer of this transformer: another base model or a config mismatch is
+    reported key by key instead of a bare size-mismatch traceback."""
     modules = dict(transformer.named_modules())
     problems = []
-    with safe_open(file, "pt") as handle:
-        for key in handle.keys():
-            name = key.removeprefix("transformer.")
-            module_name, _, kind = name.rpartition(".lora_")
-            shape = handle.get_slice(key).get_shape()
-            module = modules.get(module_name)
-            base = getattr(module, "base_layer", module)
-            if not isinstance(base, torch.nn.Linear):
-                problems.append(f"{key}: no linear layer '{module_name}' in this transformer")
-            elif kind.startswith("A") and shape[1] != base.in_features:
-                problems.append(f"{key}: shape {shape} does not fit in_features {base.in_features} of '{module_name}'")
-            elif kind.startswith("B") and shape[0] != base.out_features:
-                problems.append(f"{key}: shape {shape} does not fit out_features {base.out_features} of '{module_name}'")
+    for name, tensor in weights.state.items():
+        module_name, _, kind = name.rpartition(".lora_")
+        key = weights.origin[name]
+        module = modules.get(module_name)
+        base = getattr(module, "base_layer", module)
+        if not isinstance(base, torch.nn.Linear):
+            problems.append(f"{key}: no linear layer '{module_name}' in this transformer")
+        elif kind.startswith("A") and tensor.shape[1] != base.in_features:
+            problems.append(f"{key}: shape {list(tensor.shape)} does not fit in_features {base.in_features} of '{module_name}'")
+        elif kind.startswith("B") and tensor.shape[0] != base.out_features:
+            problems.append(f"{key}: shape {list(tensor.shape)} does not fit out_features {base.out_features} of '{module_name}'")
     if problems:
         listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise LoraError(f"{file} does not fit this base model ({len(problems)} key(s)):\n  {listed}")
+        raise LoraError(f"{weights.file} does not fit this base model ({len(problems)} key(s)):\n  {listed}")
 
 
-def load_lora(transformer, path: str, name: str) -> None:
-    """Load an exported LoRA (diffusers keys + adapter metadata) under adapter `name`."""
-    import os
-
-    file = lora_file(path)
-    check_lora(transformer, file)
-    transformer.load_lora_adapter(os.path.dirname(file) or ".", weight_name=os.path.basename(file), prefix="transformer", adapter_name=name)
+def load_lora(transformer, path: str, name: str) -> LoraWeights:
+    """Load a LoRA of any supported layout (longcat_ray/lora_files.py) under adapter `name`, at the strength its
+    file or config says."""
+    module_names = [module_name for module_name, _ in transformer.named_modules()]
+    weights = read_lora(path, [n.removesuffix(".base_layer") for n in module_names if n])
+    check_lora(transformer, weights)
+    try:
+        transformer.load_lora_adapter(dict(weights.state), prefix=None, adapter_name=name, metadata=weights.lora_config())
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:  # diffusers/peft's own refusals, named by file
+        raise LoraError(f"{weights.file}: {err}") from None
+    return weights
 
 
 class Editor:
