@@ -101,29 +101,52 @@ def read_lora(path: str, module_names: list[str]) -> LoraWeights:
 
 def normalise(file: str, raw: dict[str, torch.Tensor], module_names: list[str]):
     """-> (layout, {"<module>.lora_A/B.weight": tensor}, {module: alpha from .alpha tensors}, {key: file's key})."""
-    refuse_other_adapters(file, raw)
-    first = next(iter(raw), "")
-    layout = ("kohya" if first.startswith(KOHYA_PREFIX) else "comfyui" if first.startswith("diffusion_model.")
-              else "peft" if first.startswith("base_model.model.") else "diffusers")
+    layout = check_keys(file, list(raw))
     dotted = {name.replace(".", "_"): name for name in module_names}
-    state, alphas, unknown, origin = {}, {}, [], {}
+    state, alphas, origin = {}, {}, {}
     for key, tensor in raw.items():
         name = module_key(key, dotted)
         if name.endswith(".alpha"):
             alphas[name.removesuffix(".alpha")] = float(tensor.item())
             continue
         match = LORA_KEY.match(name)
-        if not match:
-            unknown.append(key)
-            continue
         kind = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(match["kind"], match["kind"])
         state[f"{match['module']}.{kind}.weight"] = tensor
         origin[f"{match['module']}.{kind}.weight"] = key
-    if unknown or not state:
+    return layout, state, alphas, origin
+
+
+def check_keys(file: str, keys: list[str]) -> str:
+    """The layout the keys are in; LoraError naming the file when they are not a DiT LoRA's."""
+    refuse_other_adapters(file, keys)
+    unknown = [key for key in keys if not module_key(key, {}).endswith(".alpha") and not LORA_KEY.match(module_key(key, {}))]
+    if unknown or not keys:
         shown = ", ".join(unknown[:5]) or "(no keys)"
         raise LoraError(f"{file}: {len(unknown)} key(s) are not LoRA factors of this model's layers ({shown}). Loaded: "
                         "diffusers, PEFT, ComfyUI (diffusion_model.*) and kohya (lora_unet_*) LoRA files")
-    return layout, state, alphas, origin
+    first = keys[0]
+    return ("kohya" if first.startswith(KOHYA_PREFIX) else "comfyui" if first.startswith("diffusion_model.")
+            else "peft" if first.startswith("base_model.model.") else "diffusers")
+
+
+def read_header(handle) -> tuple[list[str], dict[str, str]]:
+    """A safetensors file's tensor names and metadata from its header alone (an open binary file, local or remote)."""
+    size = int.from_bytes(handle.read(8), "little")
+    if not 0 < size < 100 * 2**20:
+        raise LoraError("not a safetensors file (bad header length)")
+    header = json.loads(handle.read(size))
+    return [key for key in header if key != "__metadata__"], header.get("__metadata__") or {}
+
+
+def describe(fs, path: str) -> dict[str, Any]:
+    """{"layout"} of the LoRA at `path` on `fs` from its header, or {"error"}: what /v1/loras shows, without
+    loading the weights (whether it fits the served model shows when a request loads it)."""
+    try:
+        with fs.open(path, "rb") as handle:
+            keys, _ = read_header(handle)
+        return {"layout": check_keys(path, keys)}
+    except (LoraError, ValueError, OSError) as err:
+        return {"error": str(err)}
 
 
 def module_key(key: str, dotted: dict[str, str]) -> str:
@@ -137,9 +160,9 @@ def module_key(key: str, dotted: dict[str, str]) -> str:
     return key
 
 
-def refuse_other_adapters(file: str, raw: dict[str, torch.Tensor]) -> None:
+def refuse_other_adapters(file: str, keys) -> None:
     for marker, kind in OTHER_ADAPTERS.items():
-        if any(marker in key for key in raw):
+        if any(marker in key for key in keys):
             raise LoraError(f"{file}: a {kind} file ('{marker}' keys). longcat-ray loads LoRA adapters of the DiT only "
                             "(diffusers, PEFT, ComfyUI or kohya layout)")
 

@@ -92,7 +92,8 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def tiny_loras(tiny, tmp_path_factory) -> Path:
     """An adapter root: two random LoRAs exported as training exports them (style0/ as an output_dir,
-    style1.safetensors as a bare file), one that does not fit the model, and non-safetensors files."""
+    style1.safetensors as a bare file), style0 again as the official trainer writes a checkpoint (official/),
+    one that does not fit the model, a LyCORIS LoKr file and non-safetensors files."""
     import torch
     from safetensors.torch import save_file
 
@@ -112,6 +113,23 @@ def tiny_loras(tiny, tmp_path_factory) -> Path:
     (root / "style0.safetensors").unlink(missing_ok=True)
     (root / "style1" / LORA_FILE).rename(root / "style1.safetensors")
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 999)}, root / "misfit.safetensors")
+    official_like(root / "style0" / "adapter", root / "official")
+    save_file({"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, root / "lokr.safetensors")
     (root / "pickled.bin").write_bytes(b"\x80\x04not really a pickle")
     (root / "pickled.pt").write_bytes(b"\x80\x04not really a pickle")
     return root
+
+
+def official_like(peft_folder, out) -> None:
+    """`peft_folder`'s adapter as a PEFT checkpoint at twice its alpha and half its B: the same strength, read
+    right only if alpha comes from adapter_config.json (alpha = rank would halve it)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    config = json.loads((peft_folder / "adapter_config.json").read_text())
+    config["lora_alpha"] = 2 * (config["lora_alpha"] or config["r"])
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    state = load_file(peft_folder / "adapter_model.safetensors")
+    save_file({k: v / 2 if ".lora_B." in k else v for k, v in state.items()}, out / "adapter_model.safetensors")

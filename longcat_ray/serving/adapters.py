@@ -8,6 +8,7 @@ import tempfile
 from typing import Any
 
 from longcat_ray.export import LORA_FILE
+from longcat_ray.lora_files import PEFT_CONFIG, PEFT_WEIGHTS, describe
 from longcat_ray.serving.uploads import RequestError
 from longcat_ray.storage import filesystem, is_local, join
 
@@ -28,8 +29,10 @@ def check_lora_id(lora_id: str) -> str:
 
 
 def candidate_names(lora_id: str) -> list[str]:
-    """An exported output_dir (`<id>/pytorch_lora_weights.safetensors`) or a bare `<id>.safetensors`."""
-    return [join(lora_id, LORA_FILE), f"{lora_id.removesuffix('.safetensors')}.safetensors"]
+    """An exported output_dir (`<id>/pytorch_lora_weights.safetensors`), a PEFT folder (`<id>/adapter_model.safetensors`
+    + adapter_config.json: the official trainer's checkpoints) or a bare `<id>.safetensors` (any layout
+    longcat_ray/lora_files.py reads)."""
+    return [join(lora_id, LORA_FILE), join(lora_id, PEFT_WEIGHTS), f"{lora_id.removesuffix('.safetensors')}.safetensors"]
 
 
 def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> str:
@@ -44,17 +47,18 @@ def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> str:
 
 
 def list_loras(root: str | None, options: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every adapter id under root with its file size, sorted by id."""
+    """Every adapter id under root, sorted: its file size and layout, or the reason it cannot load ("error")."""
     if not root:
         return []
     fs, path = filesystem(root, options)
-    found: dict[str, int] = {}
-    for pattern, strip in ((f"{path}/*/{LORA_FILE}", f"/{LORA_FILE}"), (f"{path}/*.safetensors", ".safetensors")):
-        for file in fs.glob(pattern):
-            lora_id = file.removesuffix(strip).rsplit("/", 1)[-1]
-            if is_lora_id(lora_id):
-                found.setdefault(lora_id, int(fs.size(file)))
-    return [{"id": key, "bytes": size} for key, size in sorted(found.items())]
+    found: dict[str, str] = {}
+    for name in (LORA_FILE, PEFT_WEIGHTS):
+        for file in fs.glob(f"{path}/*/{name}"):
+            found.setdefault(file.removesuffix(f"/{name}").rsplit("/", 1)[-1], file)
+    for file in fs.glob(f"{path}/*.safetensors"):
+        found.setdefault(file.removesuffix(".safetensors").rsplit("/", 1)[-1], file)
+    return [{"id": lora_id, "bytes": int(fs.size(file)), **describe(fs, file)}
+            for lora_id, file in sorted(found.items()) if is_lora_id(lora_id)]
 
 
 def local_copy(url: str, options: dict[str, Any]) -> str:
@@ -62,6 +66,10 @@ def local_copy(url: str, options: dict[str, Any]) -> str:
     fs, path = filesystem(url, options)
     if is_local(fs):
         return path
-    local = os.path.join(tempfile.mkdtemp(prefix="longcat-lora-"), LORA_FILE)
+    folder = tempfile.mkdtemp(prefix="longcat-lora-")
+    local = os.path.join(folder, path.rsplit("/", 1)[-1])
     fs.get(path, local)
+    config = path.rsplit("/", 1)[0] + "/" + PEFT_CONFIG
+    if local.endswith(PEFT_WEIGHTS) and fs.isfile(config):  # a PEFT folder's rank and alpha
+        fs.get(config, os.path.join(folder, PEFT_CONFIG))
     return local

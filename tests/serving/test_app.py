@@ -67,6 +67,8 @@ def test_loras_per_request(server, tiny):
         assert np.abs(a - b).max() > 10
     again = pixels(post_edit(server, source, lora="style0"))  # style1 evicted style0 from the one slot
     assert np.abs(again - style0).max() <= 1
+    # the official trainer's checkpoint layout (PEFT folder; alpha from adapter_config.json): same strength as style0
+    assert np.abs(pixels(post_edit(server, source, lora="official")) - style0).max() <= 1
     assert np.abs(pixels(post_edit(server, source, lora="style1", lora_scale="0")) - base).max() <= 1
     response = post_edit(server, source, seed="4")
     assert response.headers["X-Seed"] == "4" and np.abs(pixels(response) - base).max() > 10
@@ -104,6 +106,7 @@ def bad_requests(tiny) -> list[tuple[str, dict, int, str]]:
         ("lora http url", {"lora": "http://evil.example/x.safetensors"}, 400, "lora"),
         ("lora nested ..", {"lora": "style0/../../x"}, 400, "lora"),
         ("lora of another model", {"lora": "misfit"}, 422, "lora"),
+        ("a LoKr file", {"lora": "lokr"}, 422, "lora"),
     ], good
 
 
@@ -138,7 +141,8 @@ def test_health_loras_and_docs(server):
     assert health["status"] == "ok" and health["auth"] is True and health["device"] == "cpu"
     assert requests.get(f"{server}/v1/loras", timeout=30).status_code == 401
     loras = requests.get(f"{server}/v1/loras", headers=AUTH, timeout=30).json()["loras"]
-    assert [entry["id"] for entry in loras] == ["misfit", "style0", "style1"]
+    assert [entry["id"] for entry in loras] == ["lokr", "misfit", "official", "style0", "style1"]
+    assert [entry["id"] for entry in loras if "error" in entry] == ["lokr"]  # listed with the reason it cannot load
     schema = requests.get(f"{server}/openapi.json", timeout=30).json()
     assert {"image", "prompt", "lora", "seed"} <= set(
         schema["components"]["schemas"][schema["paths"]["/v1/edit"]["post"]["requestBody"]["content"]
