@@ -27,14 +27,19 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         config, warnings = load_config(args.config)
     except ConfigError as err:
+        print_warnings(err.warnings)
         print(f"{args.config}: {len(err.problems)} problem(s):", file=sys.stderr)
         print(err, file=sys.stderr)
         return EXIT_BAD_INPUT
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    print_warnings(warnings)
     print(json.dumps(config.model_dump(mode="json"), indent=2))
     print(f"{args.config}: OK ({len(warnings)} warning(s))", file=sys.stderr)
     return 0
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def load_or_report(path: str):
@@ -44,10 +49,10 @@ def load_or_report(path: str):
     try:
         config, warnings = load_config(path)
     except ConfigError as err:
+        print_warnings(err.warnings)
         print(f"{path}: {len(err.problems)} problem(s):\n{err}", file=sys.stderr)
         return None
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    print_warnings(warnings)
     return config
 
 

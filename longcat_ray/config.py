@@ -249,6 +249,9 @@ class DataConfig(Section):
     """The prompt-embedding cache (a `text_embeds` dataset's `cache_dir` sets it)."""
     text_cache_options: dict[str, Any] = Field(default_factory=dict)
     """s3fs options of the text cache (the `text_embeds` dataset's aws_* keys)."""
+    dataset_defaults: dict[str, Any] = Field(default_factory=dict)
+    """config.json's top-level `resolution` / `resolution_type`: the default of every image dataset that does not
+    set its own (SimpleTuner's rule)."""
     datasets: list[DatasetConfig] = Field(default_factory=list)
 
     def edit_datasets(self) -> list[DatasetConfig]:
@@ -291,14 +294,18 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
         "cache_workers", "cache_compile", "cache_streaming", "stream_encoder_gpus",
     )},
 }
+# SimpleTuner's current names for keys it also reads under the legacy names we map above.
+ALIASES = {"checkpoint_step_interval": "checkpointing_steps", "validation_step_interval": "validation_steps"}
+# Top-level defaults SimpleTuner applies to each dataset that does not set its own.
+DATASET_DEFAULTS = ("resolution", "resolution_type")
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "validation": ValidationConfig}
 
 
 class ConfigError(ValueError):
-    """Every problem found in a config, each naming the file, the key and the fix."""
+    """Every problem found in a config, each naming the file, the key and the fix; and the warnings found beside them."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
+    def __init__(self, problems: list[str], warnings: list[str] = ()):
+        self.problems, self.warnings = problems, list(warnings)
         super().__init__("\n".join(f"- {p}" for p in problems))
 
 
@@ -364,19 +371,56 @@ def nearest_on_grid(value: float, grid: int) -> int:
     return max(grid, int(round(value / grid)) * grid)
 
 
-def split_flat(flat: dict[str, Any], source: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Flat SimpleTuner keys -> per-section dicts, plus warnings for keys longcat-ray does not use."""
+def split_flat(flat: dict[str, Any], source: str) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
+    """Flat SimpleTuner keys -> (per-section dicts, warnings for keys longcat-ray does not use, problems: keys that
+    would change what is trained and that longcat-ray does not do as SimpleTuner does)."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "data")}
+    flat = {raw_key.lstrip("-"): value for raw_key, value in flat.items()}
+    problems = refused_keys(flat, source)
+    for current, legacy in ALIASES.items():
+        if current in flat and legacy in flat and flat[current] != flat[legacy]:
+            problems.append(f"{source}: keys '{current}' ({flat[current]}) and '{legacy}' ({flat[legacy]}) are the same "
+                            f"setting (SimpleTuner's current and legacy names) with different values. Fix: keep '{current}'.")
+        if current in flat:
+            flat[legacy] = flat.pop(current)
+    sections["data"]["dataset_defaults"] = {k: flat.pop(k) for k in DATASET_DEFAULTS if k in flat}
     unused = []
-    for raw_key, value in flat.items():
-        key = raw_key.lstrip("-")
+    for key, value in flat.items():
         if key in FLAT_KEYS:
             section, field = FLAT_KEYS[key]
             sections[section][field] = value
         else:
-            unused.append(raw_key)
-    warnings = [f"{source}: key '{k}' is not used by longcat-ray (ignored)." for k in sorted(unused)]
-    return sections, warnings
+            unused.append(key)
+    warnings = [f"{source}: key '{k}' is not used by longcat-ray (ignored)." for k in sorted(unused) if k not in REFUSED]
+    return sections, warnings, problems
+
+
+# Keys whose SimpleTuner meaning changes what is trained, and which longcat-ray does not do: refused unless they
+# say what longcat-ray does anyway. key -> (accepted values, what longcat-ray does and the fix).
+REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "lora_type": (("standard",), "longcat-ray trains a standard (PEFT) LoRA, not LyCORIS. Fix: \"lora_type\": \"standard\" "
+                  "and remove \"lycoris_config\""),
+    "lycoris_config": ((), "LyCORIS adapters (LoKr, LoHa) are not trained by longcat-ray. Fix: remove it and set "
+                       "\"lora_type\": \"standard\" (lora_rank/lora_alpha size the LoRA)"),
+    "grad_clip_method": (("norm",), "longcat-ray clips the gradients' global norm at max_grad_norm (DeepSpeed "
+                         "gradient_clipping), not each value. Fix: \"grad_clip_method\": \"norm\", or remove it"),
+    "flow_schedule_auto_shift": ((True,), "longcat-ray samples training sigmas with the resolution-dependent shift "
+                                 "that LongCat's inference uses. Fix: \"flow_schedule_auto_shift\": true, or remove it"),
+    "flow_schedule_shift": ((), "longcat-ray samples training sigmas with the resolution-dependent shift that "
+                            "LongCat's inference uses, not a fixed shift. Fix: remove it"),
+}
+
+
+def refused_keys(flat: dict[str, Any], source: str) -> list[str]:
+    problems = []
+    for key, (accepted, why) in REFUSED.items():
+        if key in flat and flat[key] is not None and flat[key] not in accepted:
+            if key == "flow_schedule_shift" and flat.get("flow_schedule_auto_shift") is True:
+                continue  # SimpleTuner ignores the fixed shift when auto shift is on
+            if key == "lycoris_config" and flat.get("lora_type", "standard") == "standard":
+                continue  # a leftover path, unused by SimpleTuner itself for a standard LoRA
+            problems.append(f"{source}: key '{key}': {flat[key]!r}: {why}.")
+    return problems
 
 
 def normalise_precision(section: dict[str, Any], source: str) -> list[str]:
@@ -422,8 +466,9 @@ def resolve_path(value: str, config_path: Path) -> Path:
     return beside if beside.exists() else path
 
 
-def load_datasets(path: Path) -> tuple[list[DatasetConfig], list[str], list[str]]:
-    """multidatabackend.json -> datasets, problems, warnings."""
+def load_datasets(path: Path, defaults: dict[str, Any] | None = None) -> tuple[list[DatasetConfig], list[str], list[str]]:
+    """multidatabackend.json -> datasets, problems, warnings. `defaults` (config.json's top-level `resolution`,
+    `resolution_type`) fill the image datasets that do not set their own, as SimpleTuner does."""
     entries = read_jsonc(path)
     if not isinstance(entries, list):
         return [], [f"{path}: expected a JSON list of datasets, got {type(entries).__name__}."], []
@@ -431,6 +476,8 @@ def load_datasets(path: Path) -> tuple[list[DatasetConfig], list[str], list[str]
     for index, entry in enumerate(entries):
         label = f"dataset #{index} ({entry.get('id', '<no id>')!s})" if isinstance(entry, dict) else f"dataset #{index}"
         try:
+            if isinstance(entry, dict) and entry.get("dataset_type", "image") in ("image", "conditioning"):
+                entry = {**(defaults or {}), **entry}
             dataset = DatasetConfig(**entry) if isinstance(entry, dict) else DatasetConfig.model_validate(entry)
         except ValidationError as err:
             problems += pydantic_problems(err, str(path), f"{label}: ", lambda loc: ".".join(map(str, loc)))
@@ -562,16 +609,17 @@ def load_config(path: str | os.PathLike) -> tuple[Config, list[str]]:
     flat = read_jsonc(config_path)
     if not isinstance(flat, dict):
         raise ConfigError([f"{config_path}: expected a JSON object of settings, got {type(flat).__name__}."])
-    sections, warnings = split_flat(flat, str(config_path))
+    sections, warnings, refused = split_flat(flat, str(config_path))
     warnings += normalise_precision(sections["model"], str(config_path))
     built, problems = build_sections(sections, str(config_path))
+    problems = refused + problems
     problems += check_model(built["model"], str(config_path)) + check_validation(built["validation"], str(config_path))
     problems += check_precision(built["model"], built["train"], str(config_path))
     data, data_problems, data_warnings = load_data(sections["data"], config_path, built["train"].output_dir)
     config = Config(source=str(config_path), data=data, **built)
     problems += data_problems
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, warnings + data_warnings)
     return config, warnings + data_warnings
 
 
@@ -586,7 +634,7 @@ def load_data(section: dict[str, Any], config_path: Path, output_dir: str) -> tu
             f"{config_path}: key 'data_backend_config': {backend} does not exist. Fix: point it at your multidatabackend.json."
         ], []
     data.data_backend_config = str(backend)
-    datasets, problems, warnings = load_datasets(backend)
+    datasets, problems, warnings = load_datasets(backend, data.dataset_defaults)
     data.datasets = datasets
     if not problems:
         more_problems, more_warnings = finish_data(data, backend, output_dir)

@@ -140,3 +140,40 @@ def test_shipped_examples_are_valid(tmp_path, monkeypatch):
     shutil.copy("config/multidatabackend.json.example", "config/multidatabackend.json")
     config, _ = load_config("config/config.json")
     assert config.model.model_flavour == "edit" and len(config.data.edit_datasets()) == 1
+
+
+def test_simpletuners_current_key_names_and_top_level_resolution(tmp_path):
+    entries = backend()
+    del entries[0]["resolution"]  # takes config.json's top-level default; the reference keeps its own 768
+    config, warnings = load_config(write(tmp_path, {**SEED, "checkpoint_step_interval": 250, "validation_step_interval": 50,
+                                                    "resolution": 512, "resolution_type": "pixel_area"}, entries))
+    assert (config.train.checkpointing_steps, config.validation.steps) == (250, 50)
+    resolutions = {d.id: d.resolution for d in config.data.datasets}
+    assert resolutions == {"edit-images": 512, "ref-images": 768}
+    assert not [w for w in warnings if "not used" in w]
+    clash = problems_of(write(tmp_path, {**SEED, "checkpoint_step_interval": 250, "checkpointing_steps": 100}, backend()))
+    assert "'checkpoint_step_interval' (250) and 'checkpointing_steps' (100)" in clash
+
+
+@pytest.mark.parametrize("keys, named", [
+    ({"lora_type": "lycoris", "lycoris_config": "config/lycoris_config.json"}, ["'lora_type'", "'lycoris_config'"]),
+    ({"grad_clip_method": "value"}, ["'grad_clip_method'", "global norm"]),
+    ({"flow_schedule_shift": 3}, ["'flow_schedule_shift'", "resolution-dependent shift"]),
+    ({"flow_schedule_auto_shift": False}, ["'flow_schedule_auto_shift'"]),
+])
+def test_keys_that_would_train_differently_are_refused_not_ignored(tmp_path, keys, named):
+    text = problems_of(write(tmp_path, {**SEED, **keys}, backend()))
+    assert all(name in text for name in named) and "Fix:" in text
+
+
+def test_keys_that_say_what_longcat_ray_does_anyway_pass_silently(tmp_path):
+    keys = {"lora_type": "standard", "grad_clip_method": "norm", "flow_schedule_auto_shift": True, "flow_schedule_shift": 3}
+    _, warnings = load_config(write(tmp_path, {**SEED, **keys}, backend()))
+    assert not any(key in w for w in warnings for key in keys)
+
+
+def test_warnings_are_printed_beside_the_errors(tmp_path, capsys):
+    bad = write(tmp_path, {**SEED, "grad_clip_method": "value", "push_to_hub": True}, backend())
+    assert main(["config", "check", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "warning:" in err and "'push_to_hub'" in err and "'grad_clip_method'" in err
