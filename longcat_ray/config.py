@@ -66,6 +66,9 @@ class LoraConfig(Section):
     """LoRA dropout (`lora_dropout`)."""
     target_modules: list[str] = Field(default_factory=lambda: list(OFFICIAL_LORA_TARGETS))
     """Module name suffixes that get adapters; the official LongCat trainer's list by default."""
+    format: Literal["diffusers", "comfyui"] = "diffusers"
+    """`lora_format` (SimpleTuner's key): `comfyui` also exports output_dir/pytorch_lora_weights_comfyui.safetensors
+    (`diffusion_model.*` keys, lora_down/lora_up, an `.alpha` per module) beside the diffusers file and PEFT folder."""
 
     @property
     def scale(self) -> float:
@@ -190,6 +193,9 @@ class DatasetConfig(BaseModel):
     resolution: float = 1024
     resolution_type: Literal["pixel_area", "pixel", "area"] = "pixel_area"
     minimum_image_size: float | None = None
+    """Edits smaller than this are left out (listed, never fatal), in `resolution_type`'s unit as SimpleTuner reads
+    it: `pixel` both edges, `pixel_area` the area of a minimum x minimum square, `area` megapixels. References are
+    exempt."""
     cache_dir_vae: str | None = None
     cache_dir: str | None = None
     conditioning_data: list[str] = Field(default_factory=list)
@@ -281,6 +287,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "lora_alpha": ("lora", "alpha"),
     "lora_dropout": ("lora", "dropout"),
     "lora_target_modules": ("lora", "target_modules"),
+    "lora_format": ("lora", "format"),
     **{k: ("train", k) for k in TrainConfig.model_fields},
     "validation_resolution": ("validation", "resolution"),
     "validation_guidance": ("validation", "guidance"),

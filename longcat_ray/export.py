@@ -1,5 +1,7 @@
 """LoRA export: diffusers' `pytorch_lora_weights.safetensors` (keys prefixed `transformer.`, the LoRA
-config in the file's metadata so alpha/rank survives) and a PEFT adapter directory, plus our metadata."""
+config in the file's metadata so alpha/rank survives) and a PEFT adapter directory, plus our metadata; with
+`lora_format: comfyui` (SimpleTuner's key) also a ComfyUI file (`diffusion_model.<module>.lora_down/lora_up.weight`
+and a `.alpha` tensor per module)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from longcat_ray.storage import filesystem, join, write_bytes_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_DIR = "adapter"
+COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
@@ -29,8 +32,21 @@ def adapter_config_dict(transformer) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def export_lora(transformer, url: str, options: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write both formats under `url` (local or s3://). Call with full (gathered) weights, on one rank."""
+def comfyui_state(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """peft-named factors -> ComfyUI's keys, each module's alpha as a tensor beside them."""
+    from longcat_ray.lora_files import pattern_value
+
+    out = {}
+    for key, tensor in state.items():
+        module, _, rest = key.partition(".lora_")
+        out[f"diffusion_model.{module}.lora_{'down' if rest.startswith('A') else 'up'}.weight"] = tensor
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, float(config["lora_alpha"]))
+        out[f"diffusion_model.{module}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def export_lora(transformer, url: str, options: dict[str, Any], meta: dict[str, Any], comfyui: bool = False) -> None:
+    """Write the formats under `url` (local or s3://). Call with full (gathered) weights, on one rank."""
     state, config = lora_state_dict(transformer), adapter_config_dict(transformer)
     diffusers_meta = {
         "format": "pt",
@@ -45,3 +61,5 @@ def export_lora(transformer, url: str, options: dict[str, Any], meta: dict[str, 
     peft_config = {**config, "base_model_name_or_path": meta.get("base_model")}
     write_bytes_atomic(fs, join(root, PEFT_DIR, "adapter_config.json"), json.dumps(peft_config, indent=2).encode())
     write_bytes_atomic(fs, join(root, "longcat_ray.json"), json.dumps(meta, indent=2).encode())
+    if comfyui:
+        write_bytes_atomic(fs, join(root, COMFYUI_FILE), save_safetensors(comfyui_state(state, config), metadata={"format": "pt"}))

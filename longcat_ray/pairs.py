@@ -117,7 +117,26 @@ def read_bytes(url: str, options: dict[str, Any]) -> bytes:
     return fs.cat_file(path)
 
 
-def decode_image(url: str, options: dict[str, Any], minimum: float) -> tuple[Image.Image | None, str, list[Problem]]:
+BELOW_MINIMUM = "image below minimum size"
+
+
+def meets_minimum(width: int, height: int, minimum: float, resolution_type: str) -> bool:
+    """SimpleTuner's `minimum_image_size` in the unit of the dataset's `resolution_type`: `pixel` both edges,
+    `pixel_area` the area of a minimum x minimum square, `area` megapixels. 0/None: no minimum."""
+    if not minimum:
+        return True
+    if resolution_type == "pixel":
+        return min(width, height) >= minimum
+    return width * height >= (minimum * 1e6 if resolution_type == "area" else minimum**2)
+
+
+def minimum_text(minimum: float, resolution_type: str) -> str:
+    return {"pixel": f"an edge below {minimum:g} px", "area": f"under {minimum:g} megapixels"}.get(
+        resolution_type, f"under {minimum:g}x{minimum:g} px of area")
+
+
+def decode_image(url: str, options: dict[str, Any], minimum: float = 0,
+                 resolution_type: str = "pixel_area") -> tuple[Image.Image | None, str, list[Problem]]:
     """-> (image or None, sha256 of the bytes, problems). Decodes fully, so truncated files are caught."""
     try:
         data = read_bytes(url, options)
@@ -133,9 +152,9 @@ def decode_image(url: str, options: dict[str, Any], minimum: float) -> tuple[Ima
             image.load()
     except Exception as err:  # noqa: BLE001 -- PIL raises many types for corrupt data
         return None, digest, [Problem(kind="unreadable image", file=url, detail=f"{type(err).__name__}: {err}")]
-    if min(image.size) < minimum:
-        detail = f"{image.width}x{image.height}, shorter side below {minimum:g} px"
-        return None, digest, [Problem(kind="image below minimum size", file=url, detail=detail)]
+    if not meets_minimum(image.width, image.height, minimum, resolution_type):
+        detail = f"{image.width}x{image.height}, {minimum_text(minimum, resolution_type)}: left out, as SimpleTuner does"
+        return None, digest, [Problem(kind=BELOW_MINIMUM, file=url, detail=detail)]
     return image, digest, []
 
 
@@ -157,9 +176,9 @@ def check_pair(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
     """Read both images and the caption once: validity, content hashes, bucket. `plan` holds per-dataset
     storage options, minimum sizes and target areas."""
     edit_opts, ref_opts = plan["options"][row["dataset_id"]], plan["options"][row["ref_dataset_id"]]
-    minimum = plan["minimum"][row["dataset_id"]]
-    edit, edit_sha, problems = decode_image(row["edit_url"], edit_opts, minimum)
-    ref, ref_sha, ref_problems = decode_image(row["ref_url"], ref_opts, minimum)
+    minimum, unit = plan["minimum"][row["dataset_id"]], plan["resolution_type"][row["dataset_id"]]
+    edit, edit_sha, problems = decode_image(row["edit_url"], edit_opts, minimum, unit)
+    ref, ref_sha, ref_problems = decode_image(row["ref_url"], ref_opts)  # references have no minimum (SimpleTuner's rule)
     caption, caption_problems = read_caption(row, plan["options"][row["caption_dataset_id"]])
     problems += ref_problems + caption_problems
     width, height = edit.size if edit else (0, 0)
@@ -175,6 +194,7 @@ def scan_plan(config: Config) -> dict[str, Any]:
     return {
         "options": {d.id: d.storage_options for d in datasets},
         "minimum": {d.id: d.minimum_image_size or config.data.minimum_image_size for d in datasets},
+        "resolution_type": {d.id: d.resolution_type for d in datasets},
         "area": {d.id: d.target_area for d in datasets},
     }
 
@@ -188,7 +208,8 @@ def scan_pairs(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[st
 
 def prepare_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
     """-> (good pairs sorted by bucket then id, every problem). Raises DatasetError on any problem unless
-    `skip_bad_pairs` is set, in which case the bad pairs are left out and still returned as problems."""
+    `skip_bad_pairs` is set, in which case the bad pairs are left out and still returned as problems. Edits
+    below `minimum_image_size` are always left out (SimpleTuner excludes them) and returned as problems."""
     rows, problems = discover_pairs(config)
     good = []
     for row in scan_pairs(rows, scan_plan(config)) if rows else []:
@@ -196,7 +217,7 @@ def prepare_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
         problems += found
         if not found:
             good.append(row)
-    if problems and not config.data.skip_bad_pairs:
+    if any(p.kind != BELOW_MINIMUM for p in problems) and not config.data.skip_bad_pairs:
         raise DatasetError(problems)
     if not good:
         raise DatasetError(problems or [Problem(kind="no pairs", file=", ".join(d.data_root for d in config.data.edit_datasets()))])

@@ -442,7 +442,8 @@ class TrainingLoop:
             save_checkpoint(self.engine, directory, {"longcat_ray": self.state.__dict__.copy()})
             with gathered(self.params, self.config.train.zero_stage):
                 if self.rank == 0:
-                    export_lora(self.engine.module, os.path.join(directory, LORA_DIR), {}, self.export_meta())
+                    export_lora(self.engine.module, os.path.join(directory, LORA_DIR), {}, self.export_meta(),
+                                comfyui=self.config.lora.format == "comfyui")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def export_meta(self) -> dict[str, Any]:

@@ -177,3 +177,9 @@ def test_warnings_are_printed_beside_the_errors(tmp_path, capsys):
     assert main(["config", "check", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "warning:" in err and "'push_to_hub'" in err and "'grad_clip_method'" in err
+
+
+def test_lora_format_is_simpletuners_key(tmp_path):
+    config, _ = load_config(write(tmp_path, {**SEED, "lora_format": "comfyui"}, backend()))
+    assert config.lora.format == "comfyui"
+    assert "'lora_format'" in problems_of(write(tmp_path, {**SEED, "lora_format": "kohya"}, backend()))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longcat_ray.config import LoraConfig, ModelConfig
-from longcat_ray.export import LORA_FILE, PEFT_DIR, export_lora, lora_state_dict
+from longcat_ray.export import COMFYUI_FILE, LORA_FILE, PEFT_DIR, export_lora, lora_state_dict
 from longcat_ray.inference import LoraError, load_lora
 from longcat_ray.model import flow
 from longcat_ray.model.latents import pack_latents
@@ -50,7 +50,7 @@ def trained(tiny, tmp_path_factory):
             if "lora_B" in name:
                 param.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
     out = tmp_path_factory.mktemp("loras")
-    export_lora(transformer, str(out / "ours"), {}, {"alpha": ALPHA})
+    export_lora(transformer, str(out / "ours"), {}, {"alpha": ALPHA}, comfyui=True)
     transformer.save_lora_adapter(str(out / "diffusers_saved"), adapter_name=ADAPTER)
     state = lora_state_dict(transformer)  # "<module>.lora_A.weight": peft's names
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in state})
@@ -79,13 +79,15 @@ def peft_saved(tiny, trained_transformer, folder: str) -> str:
     return folder
 
 
-@pytest.mark.parametrize("layout", ["ours", "ours_file", "ours_peft", "diffusers_saved", "peft_saved", "comfyui", "kohya"])
+@pytest.mark.parametrize("layout", ["ours", "ours_file", "ours_peft", "ours_comfyui", "diffusers_saved", "peft_saved", "comfyui",
+                                    "kohya"])
 def test_every_layout_loads_at_its_trained_strength(tiny, trained, layout, caplog):
     transformer, expected, base, out = trained
     path = {
         "ours": out / "ours",
         "ours_file": out / "ours" / LORA_FILE,
         "ours_peft": out / "ours" / PEFT_DIR,
+        "ours_comfyui": out / "ours" / COMFYUI_FILE,  # lora_format: comfyui
         "diffusers_saved": out / "diffusers_saved",
         "peft_saved": None,
         "comfyui": out / "comfyui.safetensors",
@@ -144,3 +146,5 @@ def test_saved_files_keep_their_keys(trained):
     saved = load_file(str(out / "diffusers_saved" / LORA_FILE))
     assert saved and not any(k.startswith("transformer.") for k in saved)
     assert any(k.endswith(".alpha") for k in load_file(str(out / "kohya.safetensors")))
+    comfy = load_file(str(out / "ours" / COMFYUI_FILE))
+    assert all(k.startswith("diffusion_model.") for k in comfy) and any(k.endswith(".lora_down.weight") for k in comfy)

@@ -81,3 +81,33 @@ def test_cli_stops_with_the_report(ray_local, broken, capsys):
     assert main(["cache", "--config", str(broken / "config.json")]) == 2
     err = capsys.readouterr().err
     assert "dataset report: 8 problem(s)" in err and "orphan_ref.png" in err and "skip_bad_pairs" in err
+
+
+def test_minimum_image_size_is_read_in_the_datasets_unit():
+    from longcat_ray.pairs import meets_minimum
+
+    assert meets_minimum(1024, 512, 700, "pixel_area") and not meets_minimum(1024, 256, 700, "pixel_area")  # area
+    assert not meets_minimum(1024, 512, 700, "pixel") and meets_minimum(1024, 768, 700, "pixel")  # both edges
+    assert meets_minimum(1024, 1024, 1.0, "area") and not meets_minimum(1024, 900, 1.0, "area")  # megapixels
+    assert meets_minimum(8, 8, 0, "pixel") and meets_minimum(8, 8, None, "area")
+
+
+def test_small_edits_are_left_out_and_listed_without_stopping_the_run(ray_local, tmp_path):
+    edits, refs = tmp_path / "edits", tmp_path / "refs"
+    for stem, edit_size in (("big", (160, 160)), ("wide", (320, 40)), ("tiny", (32, 32))):
+        png(edits / f"{stem}.png", size=edit_size)
+        png(refs / f"{stem}.png", size=(32, 32), colour="blue")  # references are exempt
+        (edits / f"{stem}.txt").write_text("make it blue")
+    backend = [
+        {"id": "e", "instance_data_dir": str(edits), "caption_strategy": "textfile", "resolution": 128,
+         "cache_dir_vae": str(tmp_path / "c" / "e"), "conditioning_data": ["r"], "minimum_image_size": 100},
+        {"id": "r", "instance_data_dir": str(refs), "caption_strategy": None, "resolution": 128,
+         "cache_dir_vae": str(tmp_path / "c" / "r")},
+    ]
+    (tmp_path / "backend.json").write_text(json.dumps(backend))
+    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "backend.json")}))
+    config, _ = load_config(tmp_path / "config.json")
+    good, problems = prepare_pairs(config)  # no DatasetError, no skip_bad_pairs needed
+    assert sorted(r["sample_id"] for r in good) == ["e/big", "e/wide"]  # 320x40 has 100x100 of area
+    assert [(p.kind, p.file) for p in problems] == [("image below minimum size", str(edits / "tiny.png"))]
+    assert "under 100x100 px of area" in problems[0].detail
