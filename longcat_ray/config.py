@@ -40,6 +40,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+EDIT_HUB_ID = "meituan-longcat/LongCat-Image-Edit"
+
+
 class ModelConfig(Section):
     model_type: Literal["lora"] = "lora"
     """Only LoRA training is offered (SimpleTuner's `model_type`)."""
@@ -47,10 +50,15 @@ class ModelConfig(Section):
     """The model family; longcat-ray trains LongCat-Image."""
     model_flavour: str = "edit"
     """`edit` (LongCat-Image-Edit). `final`/`dev` are the text-to-image flavours, not trained here."""
-    pretrained_model_name_or_path: str = "meituan-longcat/LongCat-Image-Edit"
-    """A local diffusers pipeline directory or a hub id."""
+    pretrained_model_name_or_path: str = EDIT_HUB_ID
+    """A local diffusers pipeline directory or a hub id; null takes the edit flavour's hub id, as SimpleTuner does."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when loading by hub id."""
+    @field_validator("pretrained_model_name_or_path", mode="before")
+    @classmethod
+    def _flavour_default(cls, value: Any) -> Any:
+        return EDIT_HUB_ID if value is None else value
+
     base_model_precision: Literal["no_change", "fp8-matmul", "int8-torchao", "fp8-torchao"] = "no_change"
     """Frozen base weights: bf16 (`no_change`); `fp8-matmul`: stored in fp8 and multiplied on the fp8 tensor
     cores (Hopper/Ada GPUs; half the weight memory, faster matmuls, activations scaled per tensor); or

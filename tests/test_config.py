@@ -183,3 +183,8 @@ def test_lora_format_is_simpletuners_key(tmp_path):
     config, _ = load_config(write(tmp_path, {**SEED, "lora_format": "comfyui"}, backend()))
     assert config.lora.format == "comfyui"
     assert "'lora_format'" in problems_of(write(tmp_path, {**SEED, "lora_format": "kohya"}, backend()))
+
+
+def test_a_null_model_path_is_the_edit_flavours_hub_id(tmp_path):
+    config, _ = load_config(write(tmp_path, {**SEED, "pretrained_model_name_or_path": None}, backend()))
+    assert config.model.pretrained_model_name_or_path == "meituan-longcat/LongCat-Image-Edit"
