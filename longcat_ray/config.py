@@ -191,7 +191,7 @@ class DatasetConfig(BaseModel):
 
     id: str
     type: Literal["local", "aws"] = "local"
-    dataset_type: Literal["image", "conditioning", "text_embeds", "image_embeds"] = "image"
+    dataset_type: Literal["image", "conditioning", "text_embeds", "image_embeds", "conditioning_image_embeds"] = "image"
     disabled: bool = False
     default: bool = False
     instance_data_dir: str | None = None
@@ -309,6 +309,8 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
         "cache_workers", "cache_compile", "cache_streaming", "stream_encoder_gpus",
     )},
 }
+# Datasets SimpleTuner uses as embedding caches for other models' encoders: nothing for LongCat to read.
+EMBED_CACHES = ("image_embeds", "conditioning_image_embeds")
 # SimpleTuner's current names for keys it also reads under the legacy names we map above.
 ALIASES = {"checkpoint_step_interval": "checkpointing_steps", "validation_step_interval": "validation_steps"}
 # Top-level defaults SimpleTuner applies to each dataset that does not set its own.
@@ -497,6 +499,10 @@ def load_datasets(path: Path, defaults: dict[str, Any] | None = None) -> tuple[l
         except ValidationError as err:
             problems += pydantic_problems(err, str(path), f"{label}: ", lambda loc: ".".join(map(str, loc)))
             continue
+        if dataset.dataset_type in EMBED_CACHES:
+            warnings.append(f"{path}: {label}: dataset_type '{dataset.dataset_type}' is an embedding cache of other models "
+                            "(Qwen-Edit's, Flux's); LongCat's text encoder reads the reference with the instruction and the "
+                            "cache stage stores that embedding. Not used (ignored); nothing it holds changes training here.")
         extra = sorted((dataset.model_extra or {}).keys())
         warnings += [f"{path}: {label}: key '{k}' is not used by longcat-ray (ignored)." for k in extra]
         datasets.append(dataset)
@@ -569,7 +575,7 @@ def check_links(data: DataConfig, path: str) -> list[str]:
 
 def check_dataset(dataset: DatasetConfig, data: DataConfig, path: str) -> list[str]:
     label = f"{path}: dataset '{dataset.id}'"
-    if dataset.dataset_type == "text_embeds" or dataset.disabled:
+    if dataset.dataset_type in ("text_embeds", *EMBED_CACHES) or dataset.disabled:
         return []
     problems = []
     if dataset.type == "local" and not dataset.instance_data_dir:

@@ -188,3 +188,11 @@ def test_lora_format_is_simpletuners_key(tmp_path):
 def test_a_null_model_path_is_the_edit_flavours_hub_id(tmp_path):
     config, _ = load_config(write(tmp_path, {**SEED, "pretrained_model_name_or_path": None}, backend()))
     assert config.model.pretrained_model_name_or_path == "meituan-longcat/LongCat-Image-Edit"
+
+
+def test_other_models_embedding_caches_are_ignored_with_a_reason(tmp_path):
+    entries = backend() + [{"id": "qwen-cond-embeds", "type": "local", "dataset_type": "conditioning_image_embeds",
+                            "cache_dir": "/cache/cond_embeds"}]
+    config, warnings = load_config(write(tmp_path, SEED, entries))
+    assert [d.id for d in config.data.edit_datasets()] == ["edit-images"]
+    assert any("qwen-cond-embeds" in w and "Not used (ignored)" in w for w in warnings)
