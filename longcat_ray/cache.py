@@ -520,7 +520,7 @@ def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_
     )
 
 
-MANIFEST_KEYS = ("sample_id", "dataset_id", "ref_dataset_id", "bucket_w", "bucket_h", "repeats", "caption")
+MANIFEST_KEYS = ("sample_id", "group", "dataset_id", "ref_dataset_id", "bucket_w", "bucket_h", "repeats", "caption")
 STREAM_KEYS = MANIFEST_KEYS + ("edit_url", "ref_url", "edit_sha", "ref_sha")
 
 

@@ -76,7 +76,7 @@ class LoraConfig(Section):
     """Module name suffixes that get adapters; the official LongCat trainer's list by default."""
     format: Literal["diffusers", "comfyui"] = "diffusers"
     """`lora_format` (SimpleTuner's key): `comfyui` also exports output_dir/pytorch_lora_weights_comfyui.safetensors
-    (`diffusion_model.*` keys, lora_down/lora_up, an `.alpha` per module) beside the diffusers file and PEFT folder."""
+    (`diffusion_model.*` keys, lora_A/lora_B, an `.alpha` per module, as SimpleTuner writes it) beside the diffusers file and PEFT folder."""
 
     @property
     def scale(self) -> float:
@@ -166,6 +166,9 @@ class TrainConfig(Section):
 
 
 class ValidationConfig(Section):
+    dataset_id: str | None = None
+    """`eval_dataset_id` (SimpleTuner's key): the edit dataset whose pairs validation edits; null: the first pairs
+    (by id) of every edit dataset."""
     resolution: list[tuple[int, int]] = Field(default_factory=lambda: [(768, 768)])
     """`validation_resolution`: `768x768`, `1024`, or a comma-separated list; each on the 16-px grid."""
     guidance: float = Field(4.5, ge=1.0)
@@ -298,6 +301,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "lora_format": ("lora", "format"),
     **{k: ("train", k) for k in TrainConfig.model_fields},
     "validation_resolution": ("validation", "resolution"),
+    "eval_dataset_id": ("validation", "dataset_id"),
     "validation_guidance": ("validation", "guidance"),
     "validation_num_inference_steps": ("validation", "num_inference_steps"),
     "validation_steps": ("validation", "steps"),
@@ -423,6 +427,10 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
                          "gradient_clipping), not each value. Fix: \"grad_clip_method\": \"norm\", or remove it"),
     "flow_schedule_auto_shift": ((True,), "longcat-ray samples training sigmas with the resolution-dependent shift "
                                  "that LongCat's inference uses. Fix: \"flow_schedule_auto_shift\": true, or remove it"),
+    "conditioning_multidataset_sampling": (("random",), "LongCat-Image-Edit takes one reference image, so several "
+                                           "reference datasets cannot be stitched together; longcat-ray trains one "
+                                           "(edit, reference) pair per edit each epoch, drawn at random. Fix: "
+                                           "\"conditioning_multidataset_sampling\": \"random\", or remove it"),
     "flow_schedule_shift": ((), "longcat-ray samples training sigmas with the resolution-dependent shift that "
                             "LongCat's inference uses, not a fixed shift. Fix: remove it"),
 }
@@ -536,6 +544,14 @@ def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list
     return problems
 
 
+def check_eval_dataset(config: Config, source: str) -> list[str]:
+    wanted, edits = config.validation.dataset_id, [d.id for d in config.data.edit_datasets()]
+    if wanted is None or wanted in edits or not edits:
+        return []
+    return [f"{source}: key 'eval_dataset_id': '{wanted}' is not an edit dataset of {config.data.data_backend_config}. "
+            f"Fix: use one of {edits}, or remove it."]
+
+
 def check_validation(validation: ValidationConfig, source: str) -> list[str]:
     problems = []
     for width, height in validation.resolution:
@@ -638,7 +654,7 @@ def load_config(path: str | os.PathLike) -> tuple[Config, list[str]]:
     problems += check_precision(built["model"], built["train"], str(config_path))
     data, data_problems, data_warnings = load_data(sections["data"], config_path, built["train"].output_dir)
     config = Config(source=str(config_path), data=data, **built)
-    problems += data_problems
+    problems += data_problems + check_eval_dataset(config, str(config_path))
     if problems:
         raise ConfigError(problems, warnings + data_warnings)
     return config, warnings + data_warnings

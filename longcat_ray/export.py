@@ -1,7 +1,7 @@
 """LoRA export: diffusers' `pytorch_lora_weights.safetensors` (keys prefixed `transformer.`, the LoRA
 config in the file's metadata so alpha/rank survives) and a PEFT adapter directory, plus our metadata; with
-`lora_format: comfyui` (SimpleTuner's key) also a ComfyUI file (`diffusion_model.<module>.lora_down/lora_up.weight`
-and a `.alpha` tensor per module)."""
+`lora_format: comfyui` (SimpleTuner's key) also a ComfyUI file as SimpleTuner writes one (`diffusion_model.<module>.
+lora_A/lora_B.weight` and a `.alpha` tensor per module)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def comfyui_state(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dic
 
     out = {}
     for key, tensor in state.items():
-        module, _, rest = key.partition(".lora_")
-        out[f"diffusion_model.{module}.lora_{'down' if rest.startswith('A') else 'up'}.weight"] = tensor
+        module = key.partition(".lora_")[0]
+        out[f"diffusion_model.{key}"] = tensor
         alpha = pattern_value(config.get("alpha_pattern") or {}, module, float(config["lora_alpha"]))
         out[f"diffusion_model.{module}.alpha"] = torch.tensor(alpha)
     return out

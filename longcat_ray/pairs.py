@@ -75,8 +75,10 @@ def caption_source(dataset: DatasetConfig, stem: str, files: dict[str, str]) -> 
     return "", None
 
 
-def match_pairs(edit: DatasetConfig, ref: DatasetConfig) -> tuple[list[dict[str, Any]], list[Problem]]:
-    """Edit and reference images paired by relative path without extension; orphans on either side reported."""
+def match_pairs(edit: DatasetConfig, ref: DatasetConfig, several: bool = False) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Edit and reference images paired by relative path without extension; orphans on either side reported.
+    `several`: the edit dataset has several reference datasets; each pair's id then names its reference, and
+    `group` (the edit's own id) lets each epoch train one of them (reader.plan_epoch)."""
     edit_files, ref_files = list_files(edit.data_root, edit.storage_options), list_files(ref.data_root, ref.storage_options)
     edits, refs = images_by_stem(edit_files), images_by_stem(ref_files)
     problems = [Problem(kind="edit without reference", file=edits[s], detail=f"no {s}.* in {ref.data_root}") for s in edits if s not in refs]
@@ -87,9 +89,10 @@ def match_pairs(edit: DatasetConfig, ref: DatasetConfig) -> tuple[list[dict[str,
         caption_dataset = edit.id
         if ref.caption_strategy is not None:  # the seed: reference captions replace the edit's
             (caption, caption_url), caption_dataset = caption_source(ref, stem, ref_files), ref.id
+        group = f"{edit.id}/{stem}"
         rows.append(
             dict(
-                sample_id=f"{edit.id}/{stem}", dataset_id=edit.id, ref_dataset_id=ref.id,
+                sample_id=f"{group}@{ref.id}" if several else group, group=group, dataset_id=edit.id, ref_dataset_id=ref.id,
                 edit_url=edits[stem], ref_url=refs[stem], caption=caption, caption_url=caption_url or "",
                 caption_dataset_id=caption_dataset,
                 repeats=edit.repeats,
@@ -98,13 +101,20 @@ def match_pairs(edit: DatasetConfig, ref: DatasetConfig) -> tuple[list[dict[str,
     return rows, problems
 
 
+def evaluation_rows(rows: list[dict[str, Any]], config: Config) -> list[dict[str, Any]]:
+    """The pairs validation may edit, by sample id: those of `eval_dataset_id`, or every edit dataset's."""
+    wanted = config.validation.dataset_id
+    return sorted((r for r in rows if wanted is None or r["dataset_id"] == wanted), key=lambda r: r["sample_id"])
+
+
 def discover_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
-    """Every edit dataset against each of its reference datasets."""
+    """Every edit dataset against each of its reference datasets (all pairs are cached; with several reference
+    datasets each epoch trains one pair per edit, SimpleTuner's `conditioning_multidataset_sampling: random`)."""
     rows, problems = [], []
     for edit in config.data.edit_datasets():
         for ref_id in edit.conditioning_data:
             try:
-                found, bad = match_pairs(edit, config.data.dataset(ref_id))
+                found, bad = match_pairs(edit, config.data.dataset(ref_id), several=len(edit.conditioning_data) > 1)
             except DatasetError as err:
                 found, bad = [], err.problems
             rows += found

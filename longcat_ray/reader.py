@@ -23,6 +23,15 @@ from longcat_ray.cache import ENTRY_KINDS, STREAM_KEYS, CachePlan, entry_tensor,
 
 
 
+def one_per_edit(samples: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """Pairs of one edit with several references (`group`) -> one of them, drawn for this epoch (SimpleTuner's
+    `conditioning_multidataset_sampling: random`). Samples without a group stand alone."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sample in sorted(samples, key=lambda s: s["sample_id"]):
+        groups.setdefault(sample.get("group") or sample["sample_id"], []).append(sample)
+    return [members[0] if len(members) == 1 else rng.choice(members) for _, members in sorted(groups.items())]
+
+
 def expand_repeats(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each sample `repeats + 1` times (SimpleTuner's `repeats` counts the extra passes)."""
     return [s for s in samples for _ in range(int(s.get("repeats", 0)) + 1)]
@@ -44,13 +53,14 @@ def plan_epoch(
 ) -> list[list[list[dict[str, Any]]]]:
     """-> per rank, its list of batches for this epoch. Every batch shares one bucket.
 
-    Samples are shuffled within their bucket, chunked, and the batches shuffled; the count is made a multiple
+    An edit paired with several references trains one of them, drawn per epoch (`one_per_edit`). Samples are
+    shuffled within their bucket, chunked, and the batches shuffled; the count is made a multiple
     of the world size by splitting the largest batches (so each sample is seen exactly once and every rank
     steps equally often), or, only when every batch already is one sample, by repeating batches.
     """
     rng = random.Random(f"{seed}:{epoch}")
     buckets: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for sample in sorted(expand_repeats(samples), key=lambda s: s["sample_id"]):
+    for sample in sorted(expand_repeats(one_per_edit(samples, rng)), key=lambda s: s["sample_id"]):
         buckets.setdefault((int(sample["bucket_w"]), int(sample["bucket_h"])), []).append(sample)
     batches = []
     for key in sorted(buckets):

@@ -69,10 +69,12 @@ def check_stream_resources(config: Config, workers: int, gpus: int) -> None:
 
 
 def validation_pairs(manifest: list[dict[str, Any]], config: Config) -> list[dict[str, Any]]:
-    """The samples in-training validation renders: the first `num_pairs` by sample id."""
+    """The samples in-training validation renders: the first `num_pairs` by sample id (of `eval_dataset_id`)."""
+    from longcat_ray.pairs import evaluation_rows
+
     if not config.validation.steps:
         return []
-    return sorted(manifest, key=lambda m: m["sample_id"])[: config.validation.num_pairs]
+    return evaluation_rows(manifest, config)[: config.validation.num_pairs]
 
 
 def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from longcat_ray.config import Config
 from longcat_ray.inference import EditRequest, Editor, decode_image, denoise
 from longcat_ray.model.latents import decode_latents, tensor_to_images
 from longcat_ray.pairs import decode_image as read_image_file
-from longcat_ray.pairs import discover_pairs, read_caption
+from longcat_ray.pairs import discover_pairs, evaluation_rows, read_caption
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
 
 
@@ -53,7 +53,8 @@ def save_png(image: Image.Image, url: str, options: dict[str, Any] | None = None
 
 
 def validation_pairs(config: Config, count: int) -> list[ValidationPair]:
-    """The first `count` pairs (by id) of the configured edit datasets, each with its linked reference."""
+    """The first `count` pairs (by id) of the configured edit datasets (or of `eval_dataset_id`), each with its
+    linked reference."""
     rows, problems = discover_pairs(config)
     if not rows:
         linked = {d.id: d.conditioning_data for d in config.data.edit_datasets()}
@@ -61,7 +62,7 @@ def validation_pairs(config: Config, count: int) -> list[ValidationPair]:
                          f"references: {linked}); {len(problems)} problem(s), first: {problems[:1]}")
     options = {d.id: d.storage_options for d in config.data.datasets}
     pairs = []
-    for row in sorted(rows, key=lambda r: r["sample_id"])[:count]:
+    for row in evaluation_rows(rows, config)[:count]:
         reference, _, bad = read_image_file(row["ref_url"], options[row["ref_dataset_id"]], 0)
         target, _, bad_target = read_image_file(row["edit_url"], options[row["dataset_id"]], 0)
         caption, bad_caption = read_caption(row, options[row["caption_dataset_id"]])

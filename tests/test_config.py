@@ -196,3 +196,19 @@ def test_other_models_embedding_caches_are_ignored_with_a_reason(tmp_path):
     config, warnings = load_config(write(tmp_path, SEED, entries))
     assert [d.id for d in config.data.edit_datasets()] == ["edit-images"]
     assert any("qwen-cond-embeds" in w and "Not used (ignored)" in w for w in warnings)
+
+
+def test_several_references_are_sampled_not_stitched(tmp_path):
+    assert "'conditioning_multidataset_sampling'" in problems_of(
+        write(tmp_path, {**SEED, "conditioning_multidataset_sampling": "combined"}, backend()))
+    load_config(write(tmp_path, {**SEED, "conditioning_multidataset_sampling": "random"}, backend()))
+
+
+def test_eval_dataset_id_names_an_edit_dataset(tmp_path):
+    from longcat_ray.pairs import evaluation_rows
+
+    config, _ = load_config(write(tmp_path, {**SEED, "eval_dataset_id": "edit-images"}, backend()))
+    rows = [{"sample_id": "z", "dataset_id": "edit-images"}, {"sample_id": "a", "dataset_id": "other"}]
+    assert [r["sample_id"] for r in evaluation_rows(rows, config)] == ["z"]
+    text = problems_of(write(tmp_path, {**SEED, "eval_dataset_id": "ref-images"}, backend()))
+    assert "'eval_dataset_id'" in text and "['edit-images']" in text

@@ -147,4 +147,4 @@ def test_saved_files_keep_their_keys(trained):
     assert saved and not any(k.startswith("transformer.") for k in saved)
     assert any(k.endswith(".alpha") for k in load_file(str(out / "kohya.safetensors")))
     comfy = load_file(str(out / "ours" / COMFYUI_FILE))
-    assert all(k.startswith("diffusion_model.") for k in comfy) and any(k.endswith(".lora_down.weight") for k in comfy)
+    assert all(k.startswith("diffusion_model.") for k in comfy) and any(k.endswith(".lora_A.weight") for k in comfy)

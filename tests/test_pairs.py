@@ -111,3 +111,22 @@ def test_small_edits_are_left_out_and_listed_without_stopping_the_run(ray_local,
     assert sorted(r["sample_id"] for r in good) == ["e/big", "e/wide"]  # 320x40 has 100x100 of area
     assert [(p.kind, p.file) for p in problems] == [("image below minimum size", str(edits / "tiny.png"))]
     assert "under 100x100 px of area" in problems[0].detail
+
+
+def test_two_reference_sets_give_each_edit_one_pair_per_set(ray_local, tmp_path):
+    for folder, colour in (("edits", "red"), ("r1", "blue"), ("r2", "green")):
+        for stem in ("a", "b"):
+            png(tmp_path / folder / f"{stem}.png", colour=colour)
+    for stem in ("a", "b"):
+        (tmp_path / "edits" / f"{stem}.txt").write_text("recolour it")
+    refs = [{"id": r, "instance_data_dir": str(tmp_path / r), "caption_strategy": None, "resolution": 128,
+             "cache_dir_vae": str(tmp_path / "c" / r)} for r in ("r1", "r2")]
+    backend = [{"id": "e", "instance_data_dir": str(tmp_path / "edits"), "caption_strategy": "textfile", "resolution": 128,
+                "cache_dir_vae": str(tmp_path / "c" / "e"), "conditioning_data": ["r1", "r2"]}, *refs]
+    (tmp_path / "backend.json").write_text(json.dumps(backend))
+    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "backend.json")}))
+    config, _ = load_config(tmp_path / "config.json")
+    good, problems = prepare_pairs(config)
+    assert not problems
+    assert sorted((r["sample_id"], r["group"], r["ref_dataset_id"]) for r in good) == [
+        ("e/a@r1", "e/a", "r1"), ("e/a@r2", "e/a", "r2"), ("e/b@r1", "e/b", "r1"), ("e/b@r2", "e/b", "r2")]

@@ -38,3 +38,26 @@ def test_repeats_and_tiny_datasets():
     # fewer single-sample batches than ranks: batches repeat so every rank still steps
     plan = plan_epoch(samples({(128, 128): 1}), 1, 2, 0, 0)
     assert [len(r) for r in plan] == [1, 1]
+
+
+def test_an_edit_with_several_references_trains_one_per_epoch():
+    """SimpleTuner's conditioning_multidataset_sampling `random`: 6 edits x 2 reference sets -> 6 samples an epoch."""
+    data = [{"sample_id": f"e/{i}@{ref}", "group": f"e/{i}", "bucket_w": 128, "bucket_h": 128, "repeats": 0}
+            for i in range(6) for ref in ("r1", "r2")]
+    picked = []
+    for epoch in range(8):
+        plan = plan_epoch(data, 2, 1, seed=3, epoch=epoch)
+        seen = [s for b in plan[0] for s in b]
+        assert sorted(s["group"] for s in seen) == [f"e/{i}" for i in range(6)]  # each edit once
+        picked += [s["sample_id"] for s in seen]
+    assert {p.rsplit("@", 1)[1] for p in picked} == {"r1", "r2"}  # both reference sets get trained
+    assert [s["sample_id"] for b in plan_epoch(data, 2, 1, 3, 5)[0] for s in b] == \
+           [s["sample_id"] for b in plan_epoch(data, 2, 1, 3, 5)[0] for s in b]  # reproducible
+
+
+def test_a_group_of_one_plans_as_before():
+    """Single-reference datasets (group = sample id, or an older manifest without groups) keep their plans."""
+    data = samples({(128, 128): 9, (192, 128): 4})
+    grouped = [{**s, "group": s["sample_id"]} for s in data]
+    ids = lambda plan: [[s["sample_id"] for s in b] for r in plan for b in r]  # noqa: E731
+    assert ids(plan_epoch(data, 2, 2, 5, 1)) == ids(plan_epoch(grouped, 2, 2, 5, 1))
