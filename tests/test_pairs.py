@@ -17,6 +17,17 @@ def png(path, size=(160, 160), colour="red"):
     Image.new("RGB", size, colour).save(path)
 
 
+def write_backend(tmp_path, edits, refs: dict, minimum=None):
+    """One edit dataset `e` (textfile captions) linked to the reference datasets {id: folder}; -> config path."""
+    edit = {"id": "e", "instance_data_dir": str(edits), "caption_strategy": "textfile", "resolution": 128,
+            "cache_dir_vae": str(tmp_path / "c" / "e"), "conditioning_data": list(refs), "minimum_image_size": minimum}
+    backend = [edit] + [{"id": r, "instance_data_dir": str(folder), "caption_strategy": None, "resolution": 128,
+                         "cache_dir_vae": str(tmp_path / "c" / r)} for r, folder in refs.items()]
+    (tmp_path / "backend.json").write_text(json.dumps(backend))
+    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "backend.json")}))
+    return tmp_path / "config.json"
+
+
 @pytest.fixture()
 def broken(tmp_path):
     """Two good pairs and one pair broken in each way the report must name."""
@@ -36,14 +47,7 @@ def broken(tmp_path):
     data = (refs / "truncated.png").read_bytes()
     (refs / "truncated.png").write_bytes(data[: len(data) // 2])
     png(edits / "small.png", size=(32, 32))
-    backend = [
-        {"id": "e", "instance_data_dir": str(edits), "caption_strategy": "textfile", "resolution": 128,
-         "cache_dir_vae": str(tmp_path / "c" / "e"), "conditioning_data": ["r"], "minimum_image_size": 64},
-        {"id": "r", "instance_data_dir": str(refs), "caption_strategy": None, "resolution": 128,
-         "cache_dir_vae": str(tmp_path / "c" / "r")},
-    ]
-    (tmp_path / "backend.json").write_text(json.dumps(backend))
-    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "backend.json")}))
+    write_backend(tmp_path, edits, {"r": refs}, minimum=64)
     return tmp_path
 
 
@@ -98,15 +102,7 @@ def test_small_edits_are_left_out_and_listed_without_stopping_the_run(ray_local,
         png(edits / f"{stem}.png", size=edit_size)
         png(refs / f"{stem}.png", size=(32, 32), colour="blue")  # references are exempt
         (edits / f"{stem}.txt").write_text("make it blue")
-    backend = [
-        {"id": "e", "instance_data_dir": str(edits), "caption_strategy": "textfile", "resolution": 128,
-         "cache_dir_vae": str(tmp_path / "c" / "e"), "conditioning_data": ["r"], "minimum_image_size": 100},
-        {"id": "r", "instance_data_dir": str(refs), "caption_strategy": None, "resolution": 128,
-         "cache_dir_vae": str(tmp_path / "c" / "r")},
-    ]
-    (tmp_path / "backend.json").write_text(json.dumps(backend))
-    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "backend.json")}))
-    config, _ = load_config(tmp_path / "config.json")
+    config, _ = load_config(write_backend(tmp_path, edits, {"r": refs}, minimum=100))
     good, problems = prepare_pairs(config)  # no DatasetError, no skip_bad_pairs needed
     assert sorted(r["sample_id"] for r in good) == ["e/big", "e/wide"]  # 320x40 has 100x100 of area
     assert [(p.kind, p.file) for p in problems] == [("image below minimum size", str(edits / "tiny.png"))]
@@ -119,13 +115,7 @@ def test_two_reference_sets_give_each_edit_one_pair_per_set(ray_local, tmp_path)
             png(tmp_path / folder / f"{stem}.png", colour=colour)
     for stem in ("a", "b"):
         (tmp_path / "edits" / f"{stem}.txt").write_text("recolour it")
-    refs = [{"id": r, "instance_data_dir": str(tmp_path / r), "caption_strategy": None, "resolution": 128,
-             "cache_dir_vae": str(tmp_path / "c" / r)} for r in ("r1", "r2")]
-    backend = [{"id": "e", "instance_data_dir": str(tmp_path / "edits"), "caption_strategy": "textfile", "resolution": 128,
-                "cache_dir_vae": str(tmp_path / "c" / "e"), "conditioning_data": ["r1", "r2"]}, *refs]
-    (tmp_path / "backend.json").write_text(json.dumps(backend))
-    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "backend.json")}))
-    config, _ = load_config(tmp_path / "config.json")
+    config, _ = load_config(write_backend(tmp_path, tmp_path / "edits", {r: tmp_path / r for r in ("r1", "r2")}))
     good, problems = prepare_pairs(config)
     assert not problems
     assert sorted((r["sample_id"], r["group"], r["ref_dataset_id"]) for r in good) == [
