@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
+from longcat_ray.lora_files import LORA_FILE, PEFT_CONFIG, PEFT_WEIGHTS, pattern_value
 from longcat_ray.model.transformer import ADAPTER
 from longcat_ray.storage import filesystem, join, write_bytes_atomic
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_DIR = "adapter"
 COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
 
@@ -34,8 +34,6 @@ def adapter_config_dict(transformer) -> dict[str, Any]:
 
 def comfyui_state(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """peft-named factors -> ComfyUI's keys, each module's alpha as a tensor beside them."""
-    from longcat_ray.lora_files import pattern_value
-
     out = {}
     for key, tensor in state.items():
         module = key.partition(".lora_")[0]
@@ -57,9 +55,9 @@ def export_lora(transformer, url: str, options: dict[str, Any], meta: dict[str, 
     weights = save_safetensors({f"transformer.{k}": v for k, v in state.items()}, metadata=diffusers_meta)
     write_bytes_atomic(fs, join(root, LORA_FILE), weights)
     peft_weights = save_safetensors({f"base_model.model.{k}": v for k, v in state.items()}, metadata={"format": "pt"})
-    write_bytes_atomic(fs, join(root, PEFT_DIR, "adapter_model.safetensors"), peft_weights)
+    write_bytes_atomic(fs, join(root, PEFT_DIR, PEFT_WEIGHTS), peft_weights)
     peft_config = {**config, "base_model_name_or_path": meta.get("base_model")}
-    write_bytes_atomic(fs, join(root, PEFT_DIR, "adapter_config.json"), json.dumps(peft_config, indent=2).encode())
+    write_bytes_atomic(fs, join(root, PEFT_DIR, PEFT_CONFIG), json.dumps(peft_config, indent=2).encode())
     write_bytes_atomic(fs, join(root, "longcat_ray.json"), json.dumps(meta, indent=2).encode())
     if comfyui:
         write_bytes_atomic(fs, join(root, COMFYUI_FILE), save_safetensors(comfyui_state(state, config), metadata={"format": "pt"}))

@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; longcat_ray/export.py writes these layouts too
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
 KOHYA_PREFIX = "lora_unet_"
@@ -64,15 +64,15 @@ class LoraWeights:
 def locate(path: str) -> tuple[str, str | None]:
     """A LoRA path (file, our output_dir, a PEFT folder) -> (weights file, adapter_config.json or None)."""
     if os.path.isdir(path):
-        for weights, config in ((DIFFUSERS_FILE, None), (PEFT_WEIGHTS, PEFT_CONFIG)):
+        for weights, config in ((LORA_FILE, None), (PEFT_WEIGHTS, PEFT_CONFIG)):
             if os.path.isfile(os.path.join(path, weights)):
                 config_path = os.path.join(path, config) if config else None
                 return os.path.join(path, weights), config_path if config_path and os.path.isfile(config_path) else None
-        raise LoraError(f"{path}: a folder without {DIFFUSERS_FILE} (diffusers) or {PEFT_WEIGHTS} (PEFT). Fix: pass the "
+        raise LoraError(f"{path}: a folder without {LORA_FILE} (diffusers) or {PEFT_WEIGHTS} (PEFT). Fix: pass the "
                         "LoRA's .safetensors file, or the folder that holds one of those")
     if not path.endswith(".safetensors"):
         raise LoraError(f"{path}: LoRA weights load from .safetensors only (never pickle). Fix: convert it, or pass the "
-                        f"folder holding {DIFFUSERS_FILE} or {PEFT_WEIGHTS}")
+                        f"folder holding {LORA_FILE} or {PEFT_WEIGHTS}")
     if not os.path.isfile(path):
         raise LoraError(f"{path}: no such LoRA file")
     beside = os.path.join(os.path.dirname(path), PEFT_CONFIG)
@@ -92,7 +92,7 @@ def read_lora(path: str, module_names: list[str]) -> LoraWeights:
         raise LoraError(f"{file}: not a readable safetensors file ({err})") from None
     layout, state, alpha_tensors, origin = normalise(file, raw, module_names)
     ranks = {key.rsplit(".lora_B", 1)[0]: int(t.shape[1]) for key, t in state.items() if ".lora_B." in key}
-    alphas, source = resolve_alphas(ranks, alpha_tensors, metadata, config_path)
+    alphas, source = resolve_alphas(file, ranks, alpha_tensors, metadata, config_path)
     if source.startswith("assumed"):
         log.warning("%s says nothing of the LoRA's alpha: loading it at alpha = rank (scale 1); its trained strength "
                     "may differ. Fix: give it lora_adapter_metadata, an adapter_config.json, or .alpha tensors", file)
@@ -119,7 +119,8 @@ def normalise(file: str, raw: dict[str, torch.Tensor], module_names: list[str]):
 def check_keys(file: str, keys: list[str]) -> str:
     """The layout the keys are in; LoraError naming the file when they are not a DiT LoRA's."""
     refuse_other_adapters(file, keys)
-    unknown = [key for key in keys if not module_key(key, {}).endswith(".alpha") and not LORA_KEY.match(module_key(key, {}))]
+    names = {key: module_key(key, {}) for key in keys}
+    unknown = [key for key, name in names.items() if not name.endswith(".alpha") and not LORA_KEY.match(name)]
     if unknown or not keys:
         shown = ", ".join(unknown[:5]) or "(no keys)"
         raise LoraError(f"{file}: {len(unknown)} key(s) are not LoRA factors of this model's layers ({shown}). Loaded: "
@@ -167,12 +168,13 @@ def refuse_other_adapters(file: str, keys) -> None:
                             "(diffusers, PEFT, ComfyUI or kohya layout)")
 
 
-def resolve_alphas(ranks: dict[str, int], tensors: dict[str, float], metadata: dict[str, str], config_path: str | None):
+def resolve_alphas(file: str, ranks: dict[str, int], tensors: dict[str, float], metadata: dict[str, str],
+                   config_path: str | None):
     """-> ({module: alpha}, where it came from). `.alpha` tensors, then the file's metadata, then adapter_config.json."""
     if tensors:
         missing = sorted(set(ranks) - set(tensors))
         if missing:
-            raise LoraError(f".alpha tensors are missing for {len(missing)} module(s), e.g. {missing[0]}")
+            raise LoraError(f"{file}: .alpha tensors are missing for {len(missing)} module(s), e.g. {missing[0]}")
         return {m: tensors[m] for m in ranks}, ".alpha tensors"
     for config, source in ((peft_metadata(metadata), "lora_adapter_metadata"), (read_json(config_path), PEFT_CONFIG)):
         if config and config.get("lora_alpha") is not None:

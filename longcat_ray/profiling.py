@@ -84,12 +84,13 @@ class StepProfiler:
         self.active.__exit__(None, None, None)
         os.makedirs(self.directory, exist_ok=True)
         trace = os.path.join(self.directory, "trace-rank0.json")
-        self.active.export_chrome_trace(trace)
-        with open(trace) as handle:
-            events = json.load(handle)["traceEvents"]
-        with open(trace, "rb") as raw, gzip.open(trace + ".gz", "wb") as packed:
-            packed.write(raw.read())
+        self.active.export_chrome_trace(trace)  # torch writes a file only; read it once, keep it compressed
+        with open(trace, "rb") as raw:
+            text = raw.read()
         os.remove(trace)
+        with gzip.open(trace + ".gz", "wb") as packed:
+            packed.write(text)
+        events = json.loads(text)["traceEvents"]
         header = self.header(steps, wall, events)
         tables = [self.active.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
                   for key in ("self_device_time_total", "self_cpu_time_total")]

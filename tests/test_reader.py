@@ -56,8 +56,11 @@ def test_an_edit_with_several_references_trains_one_per_epoch():
 
 
 def test_a_group_of_one_plans_as_before():
-    """Single-reference datasets (group = sample id, or an older manifest without groups) keep their plans."""
-    data = samples({(128, 128): 9, (192, 128): 4})
-    grouped = [{**s, "group": s["sample_id"]} for s in data]
-    ids = lambda plan: [[s["sample_id"] for s in b] for r in plan for b in r]  # noqa: E731
-    assert ids(plan_epoch(data, 2, 2, 5, 1)) == ids(plan_epoch(grouped, 2, 2, 5, 1))
+    """Single-reference datasets (group = sample id, or an older manifest without groups) keep their plans: the
+    expected plan was printed by plan_epoch as it was before groups existed (commit 8fc3239)."""
+    before = [[["192x128/1"], ["128x128/2", "128x128/0"], ["192x128/0"]],
+              [["192x128/2"], ["128x128/4", "128x128/1"], ["128x128/3"]]]
+    data = samples({(128, 128): 5, (192, 128): 3})
+    ids = lambda plan: [[[s["sample_id"] for s in b] for b in r] for r in plan]  # noqa: E731
+    assert ids(plan_epoch(data, 2, 2, 5, 1)) == before
+    assert ids(plan_epoch([{**s, "group": s["sample_id"]} for s in data], 2, 2, 5, 1)) == before

@@ -7,8 +7,7 @@ import re
 import tempfile
 from typing import Any
 
-from longcat_ray.export import LORA_FILE
-from longcat_ray.lora_files import PEFT_CONFIG, PEFT_WEIGHTS, describe
+from longcat_ray.lora_files import LORA_FILE, PEFT_CONFIG, PEFT_WEIGHTS, describe
 from longcat_ray.serving.uploads import RequestError
 from longcat_ray.storage import filesystem, is_local, join
 
