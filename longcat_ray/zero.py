@@ -21,7 +21,8 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": train.train_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.train_batch_size * train.gradient_accumulation_steps * world_size,
-        "gradient_clipping": train.max_grad_norm,
+        # ZeRO-1/2: the optimizer clips (ClippingAdamW); DeepSpeed computes no norm of its own
+        "gradient_clipping": 0.0 if optimizer_clips(train) else train.max_grad_norm,
         # DeepSpeed's bf16 overflow check tests each of the ~360 LoRA tensors for inf/nan every step (several small
         # kernels per tensor, then a host sync; `aten::isfinite` alone took 40 ms of host time per step under the
         # profiler on an H200, benchmarks/RESULTS.md). The training loop
@@ -29,11 +30,52 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": train.mixed_precision == "bf16", "check_grad_overflow": False},
         # No gradient hooks at stage 1: contiguous_gradients (a copy of each gradient into one buffer as the backward
         # makes it, against fragmentation) pays for itself only with full-model gradients, not a LoRA's.
-        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": False},
+        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": False,
+                              **({"compute_grad_norm": False} if optimizer_clips(train) else {})},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def optimizer_clips(train: TrainConfig) -> bool:
+    """Whether ClippingAdamW clips the gradients instead of DeepSpeed. DeepSpeed's ZeRO-1/2 norm is one float64
+    reduction per LoRA tensor (~720 kernels for the ~360 tensors) followed by host syncs that leave the GPU idle while
+    the host finishes the step: 8.4 ms of reductions and 19.6 ms of idle GPU per step on an H200 (benchmarks/RESULTS.md).
+    ZeRO-3 cannot turn its norm off (DeepSpeed refuses `compute_grad_norm: false` there), so it keeps DeepSpeed's."""
+    return train.zero_stage in (1, 2) and train.max_grad_norm > 0
+
+
+class ClippingAdamW(torch.optim.AdamW):
+    """torch AdamW whose step first scales the gradients to a global L2 norm of at most `max_norm` (the maths of
+    `torch.nn.utils.clip_grad_norm_` and of DeepSpeed's `gradient_clipping`), the squared norm summed over the
+    data-parallel ranks. Under ZeRO-1/2 DeepSpeed hands it each rank's flat fp32 partition of the gradients (padding
+    is zeros), so the norm is a couple of kernels and one all-reduce, with no host sync. One parameter group: DeepSpeed
+    steps the groups one at a time, which would split the norm."""
+
+    def __init__(self, params, *, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        if len(self.param_groups) != 1:
+            raise ValueError(f"ClippingAdamW takes one parameter group, got {len(self.param_groups)}")
+        self.max_norm = max_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for p in self.param_groups[0]["params"] if p.grad is not None]
+        if params:
+            clip_grads(params, self.max_norm)
+        return super().step(closure)
+
+
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Scales `params`' gradients in place to a global norm of at most `max_norm` across every rank's share."""
+    import torch.distributed as dist
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    square = get_total_norm([p.grad for p in params]).float().square()  # []
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(square)
+    clip_grads_with_norm_(params, max_norm, square.sqrt())
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig):
@@ -51,8 +93,10 @@ def init_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], train:
     import deepspeed
 
     fused = torch.cuda.is_available()
-    optimizer = torch.optim.AdamW(
+    clipping = {"max_norm": train.max_grad_norm} if optimizer_clips(train) else {}
+    optimizer = (ClippingAdamW if clipping else torch.optim.AdamW)(
         params,
+        **clipping,
         lr=train.learning_rate,
         betas=(train.adam_beta1, train.adam_beta2),
         weight_decay=train.adam_weight_decay,

@@ -39,20 +39,23 @@ def test_a_quantized_base_frees_the_weights_it_replaces(tiny, one_rank_group):
     assert all(engine.param_names[p] for p in params)
 
 
-def train_steps(tiny, stage: int, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """`steps` DeepSpeed steps of the tiny DiT's LoRA at `stage` (float32) -> (losses, LoRA weights)."""
+def train_steps(model: str, stage: int, steps: int = 3, max_grad_norm: float = 1.0, rank: int = 0, world: int = 1
+                ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """`steps` DeepSpeed steps of the tiny DiT's LoRA at `stage` (float32) -> (losses, LoRA weights); each rank
+    trains on its own sample."""
     from longcat_ray.model.loss import flow_matching_loss
 
-    transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=str(tiny.model)), torch.float32, torch.device("cpu"))
+    transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=model), torch.float32, torch.device("cpu"))
     params = add_lora(transformer, LoraConfig(rank=4), seed=0)
-    train = TrainConfig(mixed_precision="no", max_train_steps=steps, zero_stage=stage, learning_rate=1e-2)
-    engine, _ = init_engine(transformer, params, train, 1)
-    inputs = torch.Generator().manual_seed(1)
+    train = TrainConfig(mixed_precision="no", max_train_steps=steps, zero_stage=stage, learning_rate=1e-2,
+                        max_grad_norm=max_grad_norm)
+    engine, _ = init_engine(transformer, params, train, world)
+    inputs = torch.Generator().manual_seed(1 + rank)
     edit, ref = torch.randn(2, 1, 16, 8, 8, generator=inputs)
     text = torch.randn(1, 6, transformer.config.joint_attention_dim, generator=inputs)
     losses = []
     for step in range(steps):
-        loss = flow_matching_loss(engine, edit, ref, text, torch.Generator().manual_seed(step))
+        loss = flow_matching_loss(engine, edit, ref, text, torch.Generator().manual_seed(step * world + rank))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
@@ -62,9 +65,58 @@ def train_steps(tiny, stage: int, steps: int = 3) -> tuple[list[float], dict[str
 
 def test_zero1_and_zero2_train_the_same_lora(tiny, one_rank_group):
     """ZeRO-1 (the default, no per-tensor gradient hooks) is the same optimizer as ZeRO-2: equal losses and weights."""
-    losses_1, lora_1 = train_steps(tiny, 1)
-    losses_2, lora_2 = train_steps(tiny, 2)
+    losses_1, lora_1 = train_steps(str(tiny.model), 1)
+    losses_2, lora_2 = train_steps(str(tiny.model), 2)
     assert losses_1 == losses_2
     assert losses_1[0] != losses_1[-1]  # the LoRA moved
     for name, weight in lora_2.items():
         torch.testing.assert_close(lora_1[name], weight, atol=0, rtol=0)
+
+
+def deepspeed_clipping(patch) -> None:
+    """The path before ClippingAdamW: plain AdamW, DeepSpeed's own `gradient_clipping` and per-tensor norm."""
+    import longcat_ray.zero as zero
+
+    patch.setattr(zero, "optimizer_clips", lambda train: False)
+
+
+def test_the_optimizer_clips_as_deepspeed_did(tiny, one_rank_group, monkeypatch):
+    """ClippingAdamW (ZeRO-1/2's default) against DeepSpeed's own clipping, same seed, with a max_grad_norm small enough
+    that every step is clipped: the same LoRA; and clipping is really on (unclipped training ends elsewhere)."""
+    ours = train_steps(str(tiny.model), 1, max_grad_norm=1e-3)
+    unclipped = train_steps(str(tiny.model), 1, max_grad_norm=0.0)
+    deepspeed_clipping(monkeypatch)
+    theirs = train_steps(str(tiny.model), 1, max_grad_norm=1e-3)
+    torch.testing.assert_close(ours, theirs)
+    assert any((unclipped[1][name] - weight).abs().max() > 1e-4 for name, weight in ours[1].items())
+
+
+def two_rank_run(rank: int, model: str, port: int, stage: int, deepspeed_clips: bool, out: str) -> None:
+    """One of two gloo ranks: train, then save what rank 0 holds."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    with pytest.MonkeyPatch.context() as patch:
+        if deepspeed_clips:
+            deepspeed_clipping(patch)
+        losses, lora = train_steps(model, stage, max_grad_norm=1e-3, rank=rank, world=2)
+    if rank == 0:
+        torch.save({"losses": losses, "lora": lora}, out)
+    dist.destroy_process_group()
+
+
+def test_the_clipping_norm_spans_both_ranks(tiny, tmp_path, stage=1):
+    """Two gloo ranks, each optimizing its half of the flat gradients: the norm that clips them is the global one
+    (DeepSpeed's own clipping gives the same LoRA). A rank-local norm would clip each half differently. (ZeRO-2 hands
+    the optimizer the same partition: test_zero1_and_zero2_train_the_same_lora.)"""
+    import torch.multiprocessing as mp
+
+    results = {}
+    for port, deepspeed_clips in ((29541 + 2 * stage, False), (29542 + 2 * stage, True)):
+        out = str(tmp_path / f"{deepspeed_clips}.pt")
+        mp.spawn(two_rank_run, args=(str(tiny.model), port, stage, deepspeed_clips, out), nprocs=2)
+        results[deepspeed_clips] = torch.load(out)
+    torch.testing.assert_close(results[False], results[True])
