@@ -321,11 +321,12 @@ class TrainingLoop:
     def run_epoch(self, epoch: int, start: int) -> None:
         from longcat_ray.reader import prefetch
 
-        train = self.config.train
-        for sample_ids, tensors in prefetch(self.epoch_batches(epoch, start), depth=2):
+        train, first = self.config.train, self.state.micro_step
+        batches = (self.step_inputs(first + i, *batch) for i, batch in enumerate(self.epoch_batches(epoch, start)))
+        for sample_ids, inputs in prefetch(batches, depth=2):
             self.log_samples(sample_ids)
             self.profiler.at_step(self.state.step)
-            self.train_micro_batch(tensors)
+            self.train_micro_batch(inputs)
             if self.state.micro_step % train.gradient_accumulation_steps == 0:
                 self.after_step()
                 if self.state.step >= train.max_train_steps:
@@ -344,23 +345,33 @@ class TrainingLoop:
         for row in shard_dataset(batches, self.plan.options, start=start).iter_rows():
             yield json.loads(row["sample_ids"]), batch_tensors(row)
 
-    def train_micro_batch(self, tensors: dict[str, torch.Tensor]) -> None:
-        """One forward/backward/step, queued on the device; the loss stays there (Window)."""
-        from longcat_ray.model.loss import choose_prompts, flow_matching_loss, to_device
+    def step_inputs(self, micro_step: int, sample_ids: list[str], tensors: dict[str, torch.Tensor]):
+        """-> (sample ids, host inputs of micro-step `micro_step`): latents, the prompt rows after caption dropout
+        and the step's random draws, from a generator seeded by (seed, micro-step, rank). Runs on the prefetch
+        thread, so the training thread only queues uploads and kernels."""
+        from longcat_ray.model.loss import choose_prompts, draw_step
 
         train = self.config.train
-        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + self.state.micro_step * 1009 + self.rank)
+        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + micro_step * 1009 + self.rank)
         # caption dropout picks rows on the host: only the chosen embedding is copied to the device
         prompts = choose_prompts(tensors["text"], tensors.get("blank"), train.caption_dropout_probability, generator)
+        draws = draw_step(tensors["edit"].shape, prompts.shape[1], generator)
+        return sample_ids, {"edit": tensors["edit"], "ref": tensors["ref"], "text": prompts, **draws}
+
+    def train_micro_batch(self, inputs: dict[str, torch.Tensor]) -> None:
+        """One forward/backward/step of `step_inputs`' output, queued on the device; the loss stays there (Window)."""
+        from longcat_ray.model.loss import flow_matching_loss, to_device
+
         move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
+        draws = {key: inputs[key] for key in ("sigmas", "noise", "txt_ids", "img_ids")}  # cast where they are used
         with record_function("lcr:forward"):  # phases named in a profile's trace (StepProfiler)
-            loss = flow_matching_loss(self.engine, move(tensors["edit"]), move(tensors["ref"]), move(prompts), generator)
+            loss = flow_matching_loss(self.engine, move(inputs["edit"]), move(inputs["ref"]), move(inputs["text"]), draws)
         with record_function("lcr:backward"):
             self.engine.backward(loss)
         with record_function("lcr:step"):
             self.engine.step()
         self.state.micro_step += 1
-        self.window.add(loss, tensors["edit"].shape[0])
+        self.window.add(loss, inputs["edit"].shape[0])
 
     def after_step(self) -> None:
         self.state.step += 1
