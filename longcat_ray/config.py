@@ -73,10 +73,23 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout (`lora_dropout`)."""
     target_modules: list[str] = Field(default_factory=lambda: list(OFFICIAL_LORA_TARGETS))
-    """Module name suffixes that get adapters; the official LongCat trainer's list by default."""
+    """Module name suffixes that get adapters; the official LongCat trainer's list by default. SimpleTuner's
+    `peft_lora_target_modules` sets it too: a JSON array, or the path of a JSON file holding one."""
     format: Literal["diffusers", "comfyui"] = "diffusers"
     """`lora_format` (SimpleTuner's key): `comfyui` also exports output_dir/pytorch_lora_weights_comfyui.safetensors
     (`diffusion_model.*` keys, lora_A/lora_B, an `.alpha` per module, as SimpleTuner writes it) beside the diffusers file and PEFT folder."""
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _json_array_or_file(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        try:
+            return json.loads(Path(value).read_text())
+        except OSError as err:
+            raise ValueError(f"not a JSON array, and no JSON file can be read there ({err.strerror})") from err
 
     @property
     def scale(self) -> float:
@@ -210,6 +223,15 @@ class DatasetConfig(BaseModel):
     cache_dir_vae: str | None = None
     cache_dir: str | None = None
     conditioning_data: list[str] = Field(default_factory=list)
+    conditioning_type: str | None = None
+    """On a reference dataset: SimpleTuner's `reference_strict` is what longcat-ray does (each reference resized to
+    its edit's bucket: LongCat places both on one latent grid); other values are refused."""
+    source_dataset_id: str | None = None
+    """On a reference dataset: the edit dataset it belongs to (SimpleTuner's link from the other side); the same as
+    naming this dataset in that edit dataset's `conditioning_data`."""
+    conditioning: list[dict[str, Any]] | None = None
+    """On an edit dataset: SimpleTuner's references generated from the edit images (canny, superresolution,
+    jpeg_artifacts, ...). Not built by longcat-ray yet: refused with what to do instead."""
     repeats: int = Field(0, ge=0)
     aws_bucket_name: str | None = None
     aws_data_prefix: str = ""
@@ -298,6 +320,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "lora_alpha": ("lora", "alpha"),
     "lora_dropout": ("lora", "dropout"),
     "lora_target_modules": ("lora", "target_modules"),
+    "peft_lora_target_modules": ("lora", "target_modules"),
     "lora_format": ("lora", "format"),
     **{k: ("train", k) for k in TrainConfig.model_fields},
     "validation_resolution": ("validation", "resolution"),
@@ -423,8 +446,11 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
                   "and remove \"lycoris_config\""),
     "lycoris_config": ((), "LyCORIS adapters (LoKr, LoHa) are not trained by longcat-ray. Fix: remove it and set "
                        "\"lora_type\": \"standard\" (lora_rank/lora_alpha size the LoRA)"),
-    "grad_clip_method": (("norm",), "longcat-ray clips the gradients' global norm at max_grad_norm (DeepSpeed "
-                         "gradient_clipping), not each value. Fix: \"grad_clip_method\": \"norm\", or remove it"),
+    "grad_clip_method": (("norm",), "longcat-ray clips the gradients' global L2 norm at max_grad_norm, not each "
+                         "value. Fix: \"grad_clip_method\": \"norm\", or remove it"),
+    "peft_lora_mode": (("standard",), "longcat-ray trains a standard PEFT LoRA (no SingLoRA). Fix: remove it"),
+    "lora_init_type": (("default",), "longcat-ray initialises the LoRA as PEFT's default does (A Kaiming-uniform, "
+                       "B zero), as the official trainer does. Fix: \"lora_init_type\": \"default\", or remove it"),
     "flow_schedule_auto_shift": ((True,), "longcat-ray samples training sigmas with the resolution-dependent shift "
                                  "that LongCat's inference uses. Fix: \"flow_schedule_auto_shift\": true, or remove it"),
     "conditioning_multidataset_sampling": (("random",), "LongCat-Image-Edit takes one reference image, so several "
@@ -589,11 +615,42 @@ def check_links(data: DataConfig, path: str) -> list[str]:
     return problems
 
 
+def link_sources(data: DataConfig, path: str) -> list[str]:
+    """A reference dataset's `source_dataset_id` -> its id in that edit dataset's `conditioning_data`."""
+    by_id, problems = {d.id: d for d in data.datasets}, []
+    for dataset in data.datasets:
+        source = by_id.get(dataset.source_dataset_id) if dataset.source_dataset_id else None
+        if dataset.source_dataset_id and source is None:
+            problems.append(f"{path}: dataset '{dataset.id}': key 'source_dataset_id' names '{dataset.source_dataset_id}', "
+                            f"which no dataset has as 'id' (ids: {sorted(by_id)}). Fix: use the edit dataset's id.")
+        elif source is not None and dataset.id not in source.conditioning_data:
+            source.conditioning_data.append(dataset.id)
+    return problems
+
+
+def check_reference_keys(dataset: DatasetConfig, label: str) -> list[str]:
+    """SimpleTuner's reference keys that longcat-ray cannot honour, refused by name."""
+    problems = []
+    if dataset.conditioning_type not in (None, "reference_strict"):
+        why = ("a loosely aligned reference (bucketed on its own) cannot be given to LongCat-Image-Edit, which places "
+               "the reference on its edit's latent grid" if dataset.conditioning_type == "reference_loose" else
+               "that is not an edit reference (longcat-ray trains instruction edits, not ControlNets or masks)")
+        problems.append(f"{label}: key 'conditioning_type': {dataset.conditioning_type!r}: {why}. Fix: "
+                        "\"conditioning_type\": \"reference_strict\" (each reference resized to its edit's bucket), or remove it.")
+    if dataset.conditioning:
+        kinds = sorted({str(c.get("type")) for c in dataset.conditioning if isinstance(c, dict)})
+        problems.append(f"{label}: key 'conditioning': references generated from the edit images ({', '.join(kinds)}) "
+                        "are not built by longcat-ray yet. Fix: write the reference images into a folder (same file names "
+                        "as the edits), add it as a dataset with \"dataset_type\": \"conditioning\", name it in this "
+                        "dataset's \"conditioning_data\", and remove \"conditioning\".")
+    return problems
+
+
 def check_dataset(dataset: DatasetConfig, data: DataConfig, path: str) -> list[str]:
     label = f"{path}: dataset '{dataset.id}'"
     if dataset.dataset_type in ("text_embeds", *EMBED_CACHES) or dataset.disabled:
         return []
-    problems = []
+    problems = check_reference_keys(dataset, label)
     if dataset.type == "local" and not dataset.instance_data_dir:
         problems.append(f"{label}: key 'instance_data_dir' is missing. Fix: point it at the folder of images.")
     if dataset.type == "aws" and not dataset.aws_bucket_name:
@@ -616,6 +673,7 @@ def finish_data(data: DataConfig, path: Path, output_dir: str) -> tuple[list[str
             f"{data.data_backend_config}: key 'aspect_bucket_alignment': {data.aspect_bucket_alignment} is not supported; "
             f"LongCat buckets live on the {GRID}-px grid. Fix: set \"aspect_bucket_alignment\": {GRID}."
         )
+    problems += link_sources(data, str(path))
     references = {r for d in data.edit_datasets() for r in d.conditioning_data}
     for dataset in data.datasets:
         if dataset.dataset_type == "text_embeds" and dataset.cache_dir and not dataset.disabled:

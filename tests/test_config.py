@@ -157,9 +157,11 @@ def test_simpletuners_current_key_names_and_top_level_resolution(tmp_path):
 
 @pytest.mark.parametrize("keys, named", [
     ({"lora_type": "lycoris", "lycoris_config": "config/lycoris_config.json"}, ["'lora_type'", "'lycoris_config'"]),
-    ({"grad_clip_method": "value"}, ["'grad_clip_method'", "global norm"]),
+    ({"grad_clip_method": "value"}, ["'grad_clip_method'", "global L2 norm"]),
     ({"flow_schedule_shift": 3}, ["'flow_schedule_shift'", "resolution-dependent shift"]),
     ({"flow_schedule_auto_shift": False}, ["'flow_schedule_auto_shift'"]),
+    ({"peft_lora_mode": "singlora"}, ["'peft_lora_mode'"]),
+    ({"lora_init_type": "pissa"}, ["'lora_init_type'"]),
 ])
 def test_keys_that_would_train_differently_are_refused_not_ignored(tmp_path, keys, named):
     text = problems_of(write(tmp_path, {**SEED, **keys}, backend()))
@@ -177,6 +179,39 @@ def test_warnings_are_printed_beside_the_errors(tmp_path, capsys):
     assert main(["config", "check", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "warning:" in err and "'push_to_hub'" in err and "'grad_clip_method'" in err
+
+
+def test_peft_lora_target_modules_as_json_text_or_file(tmp_path):
+    targets = ["attn.to_q", "attn.to_k"]
+    config, warnings = load_config(write(tmp_path, {**SEED, "peft_lora_target_modules": json.dumps(targets)}, backend()))
+    assert config.lora.target_modules == targets and not [w for w in warnings if "target_modules" in w]
+    (tmp_path / "targets.json").write_text(json.dumps(targets))
+    config, _ = load_config(write(tmp_path, {**SEED, "peft_lora_target_modules": str(tmp_path / "targets.json")}, backend()))
+    assert config.lora.target_modules == targets
+    text = problems_of(write(tmp_path, {**SEED, "peft_lora_target_modules": str(tmp_path / "missing.json")}, backend()))
+    assert "'peft_lora_target_modules'" in text and "No such file" in text
+
+
+def test_a_reference_can_name_its_edit_dataset(tmp_path):
+    """SimpleTuner's source_dataset_id on the reference dataset links the pair as conditioning_data does."""
+    entries = backend(conditioning_data=[])
+    entries[1].update(dataset_type="conditioning", conditioning_type="reference_strict", source_dataset_id="edit-images")
+    config, warnings = load_config(write(tmp_path, SEED, entries))
+    assert config.data.edit_datasets()[0].conditioning_data == ["ref-images"] and not warnings
+    entries[1]["source_dataset_id"] = "edits"
+    assert "'source_dataset_id' names 'edits'" in problems_of(write(tmp_path, SEED, entries))
+
+
+@pytest.mark.parametrize("dataset, overrides, named", [
+    (1, {"conditioning_type": "reference_loose"}, "'conditioning_type': 'reference_loose'"),
+    (1, {"conditioning_type": "controlnet"}, "not an edit reference"),
+    (0, {"conditioning": [{"type": "canny"}, {"type": "jpeg_artifacts", "quality": 20}]}, "(canny, jpeg_artifacts)"),
+])
+def test_reference_kinds_longcat_cannot_train_are_refused_by_key(tmp_path, dataset, overrides, named):
+    entries = backend()
+    entries[dataset].update(overrides)
+    text = problems_of(write(tmp_path, SEED, entries))
+    assert named in text and "Fix:" in text
 
 
 def test_lora_format_is_simpletuners_key(tmp_path):
