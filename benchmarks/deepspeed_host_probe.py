@@ -1,11 +1,13 @@
 """Host time DeepSpeed adds to a step per ZeRO setting, with 360 small trainable tensors (a LoRA's count at rank 32
-on the full DiT) so that the model's own compute is negligible: what predicted the ZeRO-1 default (issue 14).
+on the full DiT) so that the model's own compute is negligible: what predicted the ZeRO-1 default and the
+optimizer's clipping (issue 14).
 
     .venv/bin/python -m benchmarks.deepspeed_host_probe     # CPU, one gloo rank; prints ms per step
 
-The engine is built from the product's own `zero.deepspeed_config` (bf16, overflow check off); only the
-`zero_optimization` block varies. "over" = engine step (forward, backward, step) minus the same forward+backward
-on an identical model without DeepSpeed; each time is the best of 9 blocks of 10 steps.
+The engine comes from the product's own `zero.init_engine` (bf16, overflow check off, max_grad_norm 1); rows vary
+the ZeRO stage, `contiguous_gradients`, and who clips (DeepSpeed's per-tensor norm, the path before ClippingAdamW,
+or the optimizer). "over" = engine step (forward, backward, step) minus the same forward+backward on an identical
+model without DeepSpeed. Each time is the best of 9 blocks of 10 steps.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import time
 import torch
 import torch.distributed as dist
 
+import longcat_ray.zero as zero
 from longcat_ray.config import TrainConfig
-from longcat_ray.zero import deepspeed_config
 
 TENSORS = 360
+# label -> (zero_stage, contiguous_gradients, the optimizer clips)
 SETTINGS = {
-    "ZeRO-2, contiguous gradients (before)": {"stage": 2, "contiguous_gradients": True},
-    "ZeRO-2": {"stage": 2, "contiguous_gradients": False},
-    "ZeRO-1, contiguous gradients": {"stage": 1, "contiguous_gradients": True},
-    "ZeRO-1 (default)": {"stage": 1, "contiguous_gradients": False},
+    "ZeRO-2, contiguous gradients, DeepSpeed clips (first)": (2, True, False),
+    "ZeRO-2, DeepSpeed clips": (2, False, False),
+    "ZeRO-1, DeepSpeed clips": (1, False, False),
+    "ZeRO-2, the optimizer clips": (2, False, True),
+    "ZeRO-1, the optimizer clips (default)": (1, False, True),
 }
 
 
@@ -59,15 +63,18 @@ def forward_backward_ms(x) -> float:
     return best_ms(step)
 
 
-def engine_ms(zero: dict, x) -> float:
-    import deepspeed
-
+def engine_ms(stage: int, contiguous: bool, optimizer_clips: bool, x) -> float:
     torch.manual_seed(0)
     model = ManySmall()
-    config = deepspeed_config(TrainConfig(mixed_precision="bf16", max_grad_norm=1.0), 1)
-    config["zero_optimization"] = {**config["zero_optimization"], **zero}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config,
-                                      dist_init_required=False)
+    train = TrainConfig(mixed_precision="bf16", max_grad_norm=1.0, zero_stage=stage, max_train_steps=10**6)
+    config, clips = zero.deepspeed_config, zero.optimizer_clips
+    zero.optimizer_clips = lambda train: optimizer_clips  # noqa: E731 -- the row's clipping, for this engine only
+    zero.deepspeed_config = lambda *a: {**config(*a), "zero_optimization": {**config(*a)["zero_optimization"],
+                                                                           "contiguous_gradients": contiguous}}
+    try:
+        engine, _ = zero.init_engine(model, list(model.parameters()), train, 1)
+    finally:
+        zero.deepspeed_config, zero.optimizer_clips = config, clips
 
     def step():
         engine.backward(engine(x))
@@ -84,9 +91,9 @@ def main() -> None:
     torch.set_num_threads(1)
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     alone = forward_backward_ms(x)  # the same model and input for every row
-    for label, zero in SETTINGS.items():
-        step = engine_ms(zero, x)
-        print(f"{label:40s} step {step:6.1f} ms   forward+backward alone {alone:5.1f} ms   DeepSpeed over {step - alone:5.1f} ms", flush=True)
+    for label, setting in SETTINGS.items():
+        step = engine_ms(*setting, x)
+        print(f"{label:55s} step {step:6.1f} ms   forward+backward alone {alone:5.1f} ms   over {step - alone:5.1f} ms", flush=True)
 
 
 if __name__ == "__main__":
