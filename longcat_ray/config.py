@@ -206,13 +206,15 @@ class DatasetConfig(BaseModel):
     model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     id: str
-    type: Literal["local", "aws"] = "local"
+    type: Literal["local", "aws", "huggingface"] = "local"
+    """Where the images are: a local folder, S3, or a Hugging Face dataset (hub id or a local copy: `dataset_name`)."""
     dataset_type: Literal["image", "conditioning", "text_embeds", "image_embeds", "conditioning_image_embeds"] = "image"
     disabled: bool = False
     default: bool = False
     instance_data_dir: str | None = None
-    caption_strategy: Literal["textfile", "filename", "instanceprompt"] | None = None
-    """Defaults to `filename` (SimpleTuner's default) for edit datasets, to none for reference datasets."""
+    caption_strategy: Literal["textfile", "filename", "instanceprompt", "huggingface"] | None = None
+    """Defaults to `filename` (SimpleTuner's default) for edit datasets, `huggingface` (the caption column) for
+    Hugging Face edit datasets, and to none for reference datasets."""
     instance_prompt: str | None = None
     resolution: float = 1024
     resolution_type: Literal["pixel_area", "pixel", "area"] = "pixel_area"
@@ -233,6 +235,24 @@ class DatasetConfig(BaseModel):
     """On an edit dataset: SimpleTuner's references generated from the edit images (canny, superresolution,
     jpeg_artifacts, ...). Not built by longcat-ray yet: refused with what to do instead."""
     repeats: int = Field(0, ge=0)
+    dataset_name: str | None = None
+    """Hugging Face datasets: the hub id, or the folder of a local copy (`Dataset.save_to_disk`, or files
+    `datasets.load_dataset` reads). Each row is one image, named by its row number: an edit and a reference dataset
+    over the same rows pair up row by row (SimpleTuner's virtual `0.png`, `1.png`, ...)."""
+    split: str = "train"
+    revision: str | None = None
+    image_column: str = "image"
+    caption_column: str | list[str] | None = None
+    """The instruction's column; `a.b` reads key b of column a's dicts (SimpleTuner's nested form)."""
+    fallback_caption_column: str | None = None
+    """Read where the caption column is empty."""
+    huggingface: dict[str, Any] = Field(default_factory=dict)
+    """SimpleTuner's nested block: `caption_column`, `fallback_caption_column`, `image_column` (over the top-level
+    keys), `composite_image_config` ({enabled, image_count, select_index}: the image is `image_count` side-by-side
+    panels, this dataset takes panel `select_index`) and `filter_func` (`collection`, `quality_thresholds` over
+    `quality_column`, `min_width`/`min_height` over the `width`/`height` columns: SimpleTuner's filter)."""
+    metadata_backend: Literal["discovery", "huggingface"] | None = None
+    """SimpleTuner's; nothing to choose here (longcat-ray scans the images itself)."""
     aws_bucket_name: str | None = None
     aws_data_prefix: str = ""
     aws_endpoint_url: str | None = None
@@ -244,18 +264,27 @@ class DatasetConfig(BaseModel):
         return [value] if isinstance(value, str) else value
 
     @property
+    def hub(self) -> dict[str, Any]:
+        """A Hugging Face dataset's settings, the nested `huggingface` block over the top-level keys."""
+        keys = ("dataset_name", "split", "revision", "image_column", "caption_column", "fallback_caption_column")
+        return {**{k: getattr(self, k) for k in keys}, **self.huggingface}
+
+    @property
     def data_root(self) -> str:
-        """The images' location: a local directory or s3://bucket/prefix."""
+        """The images' location: a local directory, s3://bucket/prefix, or hf-row:<id> (rows of a Hugging Face dataset)."""
+        if self.type == "huggingface":
+            return f"hf-row:{self.id}"
         if self.type == "aws":
             return f"s3://{self.aws_bucket_name}/{self.aws_data_prefix}".rstrip("/")
         return self.instance_data_dir or ""
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        """s3fs options for this dataset's images and cache dirs (endpoint, region)."""
+        """s3fs options for this dataset's images and cache dirs (endpoint, region); a Hugging Face dataset's settings."""
         from longcat_ray.storage import s3_options
 
-        return s3_options(self.aws_endpoint_url, self.aws_region_name)
+        hub = {"huggingface": self.hub} if self.type == "huggingface" else {}
+        return {**s3_options(self.aws_endpoint_url, self.aws_region_name), **hub}
 
     @property
     def target_area(self) -> float:
@@ -646,6 +675,38 @@ def check_reference_keys(dataset: DatasetConfig, label: str) -> list[str]:
     return problems
 
 
+HUB_FILTERS = ("collection", "quality_thresholds", "quality_column", "min_width", "min_height")
+
+
+def check_hub_keys(dataset: DatasetConfig, label: str) -> list[str]:
+    """A Hugging Face dataset's keys: what longcat-ray reads, and what it would read differently from SimpleTuner."""
+    if dataset.type != "huggingface":
+        hub_only = [k for k in ("dataset_name", "huggingface") if k in dataset.model_fields_set]
+        return [f"{label}: key '{k}' is for \"type\": \"huggingface\" datasets. Fix: set that type, or remove it."
+                for k in hub_only]
+    hub, problems = dataset.hub, []
+    if not hub["dataset_name"]:
+        problems.append(f"{label}: key 'dataset_name' is missing. Fix: the hub id (user/name) or a local copy's folder.")
+    if dataset.caption_strategy in ("textfile", "filename"):
+        problems.append(f"{label}: caption_strategy '{dataset.caption_strategy}' has no files to read in a Hugging Face "
+                        "dataset. Fix: \"caption_strategy\": \"huggingface\" (the caption column) or \"instanceprompt\".")
+    if dataset.caption_strategy == "huggingface" and not hub["caption_column"]:
+        problems.append(f"{label}: key 'caption_column' is missing for caption_strategy 'huggingface'. Fix: name the "
+                        "instruction's column (\"a.b\" for key b of column a).")
+    if isinstance(hub["caption_column"], list) and len(hub["caption_column"]) != 1:
+        problems.append(f"{label}: key 'caption_column': {hub['caption_column']}: longcat-ray caches one instruction "
+                        "embedding per pair, so it cannot draw among several caption columns. Fix: name one column.")
+    unknown = sorted(set(hub.get("filter_func") or {}) - set(HUB_FILTERS))
+    if unknown:
+        problems.append(f"{label}: key 'filter_func': {unknown} are not SimpleTuner's filters (it reads "
+                        f"{list(HUB_FILTERS)}), so nothing would be filtered by them. Fix: remove them.")
+    composite = hub.get("composite_image_config") or {}
+    if composite.get("enabled") and not 0 <= int(composite.get("select_index", 0)) < int(composite.get("image_count", 1)):
+        problems.append(f"{label}: key 'composite_image_config': select_index {composite.get('select_index')} is not "
+                        f"one of the {composite.get('image_count')} panels. Fix: 0 to image_count - 1.")
+    return problems
+
+
 def check_dataset(dataset: DatasetConfig, data: DataConfig, path: str) -> list[str]:
     label = f"{path}: dataset '{dataset.id}'"
     if dataset.dataset_type in ("text_embeds", *EMBED_CACHES) or dataset.disabled:
@@ -655,6 +716,7 @@ def check_dataset(dataset: DatasetConfig, data: DataConfig, path: str) -> list[s
         problems.append(f"{label}: key 'instance_data_dir' is missing. Fix: point it at the folder of images.")
     if dataset.type == "aws" and not dataset.aws_bucket_name:
         problems.append(f"{label}: key 'aws_bucket_name' is missing for an aws dataset. Fix: name the S3 bucket.")
+    problems += check_hub_keys(dataset, label)
     if dataset.resolution_type != "area" and dataset.resolution % data.aspect_bucket_alignment:
         near = nearest_on_grid(dataset.resolution, data.aspect_bucket_alignment)
         problems.append(
@@ -682,7 +744,7 @@ def finish_data(data: DataConfig, path: Path, output_dir: str) -> tuple[list[str
         if dataset.id in references and dataset.dataset_type == "image":
             dataset.dataset_type = "conditioning"
         if dataset.dataset_type == "image" and "caption_strategy" not in dataset.model_fields_set:
-            dataset.caption_strategy = "filename"
+            dataset.caption_strategy = "huggingface" if dataset.type == "huggingface" else "filename"
         if dataset.cache_dir_vae is None and dataset.dataset_type in ("image", "conditioning"):
             dataset.cache_dir_vae = f"{sibling_dir(output_dir, 'cache')}/vae/{dataset.id}"
         problems += check_dataset(dataset, data, str(path))

@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from longcat_ray import hub_rows
 from longcat_ray.buckets import bucket_for
 from longcat_ray.config import Config, DatasetConfig
 from longcat_ray.storage import filesystem
@@ -51,7 +52,13 @@ def format_report(problems: list[Problem]) -> str:
 
 
 def list_files(root: str, options: dict[str, Any]) -> dict[str, str]:
-    """Every file under root -> {relative path: URL}, recursively."""
+    """Every file under root -> {relative path: URL}, recursively; a Hugging Face dataset's rows as `<row>.png`."""
+    if root.startswith(hub_rows.SCHEME):
+        try:
+            return hub_rows.list_rows(root.removeprefix(hub_rows.SCHEME), options["huggingface"])
+        except Exception as err:  # noqa: BLE001 -- datasets/hub raise many types; each becomes a named problem
+            name = options["huggingface"]["dataset_name"]
+            raise DatasetError([Problem(kind="unreadable Hugging Face dataset", file=name, detail=f"{type(err).__name__}: {err}")]) from err
     fs, base = filesystem(root, options)
     if not fs.exists(base):
         raise DatasetError([Problem(kind="missing data directory", file=root)])
@@ -72,6 +79,11 @@ def caption_source(dataset: DatasetConfig, stem: str, files: dict[str, str]) -> 
         return posixpath.basename(stem).replace("_", " ").strip(), None
     if strategy == "instanceprompt":
         return dataset.instance_prompt or "", None
+    if strategy == "huggingface":
+        try:
+            return hub_rows.caption(dataset.hub, int(stem)), None
+        except KeyError as err:
+            raise DatasetError([Problem(kind="missing caption column", file=dataset.hub["dataset_name"], detail=err.args[0])]) from err
     return "", None
 
 
@@ -123,6 +135,8 @@ def discover_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]
 
 
 def read_bytes(url: str, options: dict[str, Any]) -> bytes:
+    if url.startswith(hub_rows.SCHEME):
+        return hub_rows.read_image_bytes(url, options["huggingface"])
     fs, path = filesystem(url, options)  # fsspec caches filesystem instances: cheap per call
     return fs.cat_file(path)
 

@@ -21,8 +21,9 @@ def s3_options(endpoint_url: str | None = None, region: str | None = None) -> di
 
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """URL or path -> (filesystem, path inside it). Options apply to s3:// only."""
-    kwargs = options if url.startswith("s3://") and options else {}
+    """URL or path -> (filesystem, path inside it). Options apply to s3:// only (a Hugging Face dataset's settings,
+    carried beside them, are not s3fs's)."""
+    kwargs = {k: v for k, v in (options or {}).items() if k != "huggingface"} if url.startswith("s3://") else {}
     return url_to_fs(url, **kwargs)
 
 
