@@ -232,8 +232,11 @@ class DatasetConfig(BaseModel):
     """On a reference dataset: the edit dataset it belongs to (SimpleTuner's link from the other side); the same as
     naming this dataset in that edit dataset's `conditioning_data`."""
     conditioning: list[dict[str, Any]] | None = None
-    """On an edit dataset: SimpleTuner's references generated from the edit images (canny, superresolution,
-    jpeg_artifacts, ...). Not built by longcat-ray yet: refused with what to do instead."""
+    """On an edit dataset: SimpleTuner's references generated from its images (`superresolution`, `jpeg_artifacts`,
+    `canny`/`edges`, with SimpleTuner's parameters; longcat_ray/generated.py). Each becomes a reference dataset
+    `<id>_conditioning_<type>`, cached like any other; with several, each epoch trains one per edit."""
+    generator: dict[str, Any] | None = None
+    """Set by longcat-ray on a generated reference dataset: the `conditioning` entry it comes from."""
     repeats: int = Field(0, ge=0)
     dataset_name: str | None = None
     """Hugging Face datasets: the hub id, or the folder of a local copy (`Dataset.save_to_disk`, or files
@@ -666,13 +669,36 @@ def check_reference_keys(dataset: DatasetConfig, label: str) -> list[str]:
                "that is not an edit reference (longcat-ray trains instruction edits, not ControlNets or masks)")
         problems.append(f"{label}: key 'conditioning_type': {dataset.conditioning_type!r}: {why}. Fix: "
                         "\"conditioning_type\": \"reference_strict\" (each reference resized to its edit's bucket), or remove it.")
-    if dataset.conditioning:
-        kinds = sorted({str(c.get("type")) for c in dataset.conditioning if isinstance(c, dict)})
-        problems.append(f"{label}: key 'conditioning': references generated from the edit images ({', '.join(kinds)}) "
-                        "are not built by longcat-ray yet. Fix: write the reference images into a folder (same file names "
-                        "as the edits), add it as a dataset with \"dataset_type\": \"conditioning\", name it in this "
-                        "dataset's \"conditioning_data\", and remove \"conditioning\".")
+    for spec in dataset.conditioning or []:
+        kind = spec.get("type")
+        if kind not in GENERATED_KINDS:
+            problems.append(f"{label}: key 'conditioning': type {kind!r} does not make an edit reference longcat-ray "
+                            f"generates (it makes {sorted(GENERATED_KINDS)}; masks, depth and the like are ControlNet "
+                            "inputs). Fix: use one of those, or write your references into a folder and add it as a "
+                            "dataset named in \"conditioning_data\".")
+        elif spec.get("captions") not in (None, False):
+            problems.append(f"{label}: key 'conditioning': 'captions' {spec['captions']!r} on the {kind} entry: the "
+                            "instruction is the edit dataset's caption (one embedding per pair). Fix: remove 'captions', "
+                            "and set the instruction on this dataset (e.g. caption_strategy instanceprompt).")
     return problems
+
+
+GENERATED_KINDS = ("superresolution", "jpeg_artifacts", "canny", "edges")
+
+
+def add_generated_references(data: DataConfig) -> None:
+    """Each edit dataset's `conditioning` entries -> reference datasets `<id>_conditioning_<type>` (SimpleTuner's ids)
+    over the edit dataset's own images, named in its `conditioning_data`."""
+    for edit in [d for d in data.datasets if d.conditioning and d.dataset_type == "image" and not d.disabled]:
+        for spec in edit.conditioning:
+            ref_id = f"{edit.id}_conditioning_{spec.get('type')}"
+            if any(d.id == ref_id for d in data.datasets):
+                continue
+            fields = edit.model_dump(exclude_unset=True, exclude={"id", "conditioning", "conditioning_data", "cache_dir_vae", "caption_strategy",
+                                              "minimum_image_size", "repeats"})
+            data.datasets.append(DatasetConfig(**{**fields, "id": ref_id, "dataset_type": "conditioning",
+                                                  "caption_strategy": None, "generator": spec}))
+            edit.conditioning_data.append(ref_id)
 
 
 HUB_FILTERS = ("collection", "quality_thresholds", "quality_column", "min_width", "min_height")
@@ -736,6 +762,7 @@ def finish_data(data: DataConfig, path: Path, output_dir: str) -> tuple[list[str
             f"LongCat buckets live on the {GRID}-px grid. Fix: set \"aspect_bucket_alignment\": {GRID}."
         )
     problems += link_sources(data, str(path))
+    add_generated_references(data)
     references = {r for d in data.edit_datasets() for r in d.conditioning_data}
     for dataset in data.datasets:
         if dataset.dataset_type == "text_embeds" and dataset.cache_dir and not dataset.disabled:

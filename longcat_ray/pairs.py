@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from longcat_ray import hub_rows
+from longcat_ray import generated, hub_rows
 from longcat_ray.buckets import bucket_for
 from longcat_ray.config import Config, DatasetConfig
 from longcat_ray.storage import filesystem
@@ -92,6 +92,8 @@ def match_pairs(edit: DatasetConfig, ref: DatasetConfig, several: bool = False) 
     `several`: the edit dataset has several reference datasets; each pair's id then names its reference, and
     `group` (the edit's own id) lets each epoch train one of them (reader.plan_epoch)."""
     edit_files, ref_files = list_files(edit.data_root, edit.storage_options), list_files(ref.data_root, ref.storage_options)
+    if ref.generator:  # made from the edit images themselves (generated.py)
+        ref_files = {rel: generated.reference_url(ref.generator, url) for rel, url in ref_files.items()}
     edits, refs = images_by_stem(edit_files), images_by_stem(ref_files)
     problems = [Problem(kind="edit without reference", file=edits[s], detail=f"no {s}.* in {ref.data_root}") for s in edits if s not in refs]
     problems += [Problem(kind="reference without edit", file=refs[s], detail=f"no {s}.* in {edit.data_root}") for s in refs if s not in edits]
@@ -135,6 +137,9 @@ def discover_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]
 
 
 def read_bytes(url: str, options: dict[str, Any]) -> bytes:
+    if url.startswith(generated.SCHEME):
+        spec, edit_url = generated.parse(url)
+        return generated.generate(spec, read_bytes(edit_url, options))
     if url.startswith(hub_rows.SCHEME):
         return hub_rows.read_image_bytes(url, options["huggingface"])
     fs, path = filesystem(url, options)  # fsspec caches filesystem instances: cheap per call
