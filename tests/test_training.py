@@ -141,29 +141,32 @@ def logged_losses(out) -> dict[int, float]:
 
 
 def test_streamed_then_resumed_from_the_cache_trains_as_the_cache_alone(reference, tiny, tmp_path):
-    """Steps 1-12 streamed (encoded on the fly, only the validation pairs cached), steps 13-24 resumed from the
-    checkpoint with the cache: the same samples, losses and final weights as the cached run without a stop."""
+    """Steps 1-8 streamed (encoded on the fly, only the validation pairs cached), steps 9-16 resumed from the
+    checkpoint with the cache: the same samples, losses and weights as the cached run without a stop at step 16."""
     cached, _ = reference
-    streamed = tiny_config(tiny, tmp_path, max_train_steps=STEPS // 2)
+    half = 8
+    streamed = tiny_config(tiny, tmp_path, max_train_steps=half)
     streamed.data.cache_streaming = True
     streamed.data.text_cache_dir = str(tmp_path / "stream-cache" / "text")
     for dataset in streamed.data.datasets:
         dataset.cache_dir_vae = str(tmp_path / "stream-cache" / dataset.id)
-    assert train(streamed, progress=False).steps == STEPS // 2
+    assert train(streamed, progress=False).steps == half
     written = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "stream-cache").rglob("*.safetensors")}
     first_two = sorted(read_manifest(cached), key=lambda m: m["sample_id"])[:2]
     assert written == {m["sample_id"].replace("/", "__") for m in first_two}
     first_losses = logged_losses(tmp_path)
-    assert set(first_losses) >= {1, 5, 10}  # rank 0 logs step 1 and every LOG_EVERY (5) steps
+    assert set(first_losses) >= {1, 5}  # rank 0 logs step 1 and every LOG_EVERY (5) steps
 
-    second = train(tiny_config(tiny, tmp_path), progress=False)  # same command, longer: resumes at step 12
-    assert second.steps == STEPS
+    second = train(tiny_config(tiny, tmp_path, max_train_steps=2 * half), progress=False)  # same command, longer: resumes
+    assert second.steps == 2 * half
     for rank in (0, 1):
-        assert samples_log(tmp_path, rank) == samples_log(cached.train.output_dir, rank)
+        mine = samples_log(tmp_path, rank)
+        assert mine == samples_log(cached.train.output_dir, rank)[: len(mine)]
     straight = logged_losses(cached.train.output_dir)
     for step, loss in first_losses.items():
         assert loss == pytest.approx(straight[step], rel=1e-4)
-    resumed, final = load_file(os.path.join(tmp_path, LORA_FILE)), load_file(os.path.join(cached.train.output_dir, LORA_FILE))
+    at_16 = sorted(glob.glob(os.path.join(cached.train.output_dir, "run", "checkpoint_*")))[1]  # checkpoints at 8, 16, 24
+    resumed, final = load_file(os.path.join(tmp_path, LORA_FILE)), load_file(os.path.join(at_16, "lora", LORA_FILE))
     for key in final:
         torch.testing.assert_close(resumed[key], final[key], atol=1e-5, rtol=1e-4)
 
