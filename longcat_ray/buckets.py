@@ -6,7 +6,14 @@ import math
 
 from PIL import Image
 
-from longcat_ray.model.latents import resize_image
+
+def resize_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize exactly as diffusers' VaeImageProcessor does for PIL input (Lanczos). Lives here, free of torch, so
+    the pair scan's Ray tasks do not import it."""
+    if image.size == (width, height):
+        return image
+    return image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
+
 
 
 def bucket_for(width: int, height: int, target_area: float, grid: int = 64) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from longcat_ray.buckets import resize_image
 from longcat_ray.lora_files import LoraError, LoraWeights, read_lora
 from longcat_ray.model import flow
 from longcat_ray.model.latents import (
@@ -22,7 +23,6 @@ from longcat_ray.model.latents import (
     encode_latents,
     image_to_tensor,
     pack_latents,
-    resize_image,
     tensor_to_images,
     unpack_latents,
 )

@@ -11,13 +11,6 @@ VAE_SCALE = 8
 PIXELS_PER_TOKEN = VAE_SCALE * 2
 
 
-def resize_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize exactly as diffusers' VaeImageProcessor does for PIL input (Lanczos)."""
-    if image.size == (width, height):
-        return image
-    return image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
-
-
 def image_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """[n] RGB PIL images of one size -> [n, 3, h, w] float32 in [-1, 1]."""
     return pixels_to_tensor(torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])))

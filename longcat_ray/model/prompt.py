@@ -25,7 +25,7 @@ import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import split_quotation
 from PIL import Image
 
-from longcat_ray.model.latents import resize_image
+from longcat_ray.buckets import resize_image
 
 SYSTEM_PREFIX = (
     "<|im_start|>system\nAs an image editing expert, first analyze the content and attributes of the input "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 
-from longcat_ray.model.latents import resize_image
+from longcat_ray.buckets import resize_image
 from longcat_ray.model.prompt import (
     MAX_INSTRUCTION_TOKENS,
     PAD_POSITION,
