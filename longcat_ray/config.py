@@ -113,9 +113,9 @@ class TrainConfig(Section):
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""
     compile_wrapper: Literal["python", "cpp"] = "python"
-    """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper, meant to cut the host time
-    per kernel launch that bounds a LoRA step on an H200. Experimental: not yet measured on a GPU (its first
-    attempt hit pytorch#178845; the process-wide setting that avoids it is what `cpp` now uses)."""
+    """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper (set process-wide, which avoids
+    pytorch#178845). On an H200 it ran at the Python wrapper's speed (0.2098 s/sample both) with a cold compile of
+    ~155 s instead of ~70 s (benchmarks/RESULTS.md), so `python` stays the default."""
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""
