@@ -63,14 +63,17 @@ def forward_backward_ms(x) -> float:
     return best_ms(step)
 
 
+def with_contiguous(config: dict, contiguous: bool) -> dict:
+    return {**config, "zero_optimization": {**config["zero_optimization"], "contiguous_gradients": contiguous}}
+
+
 def engine_ms(stage: int, contiguous: bool, optimizer_clips: bool, x) -> float:
     torch.manual_seed(0)
     model = ManySmall()
     train = TrainConfig(mixed_precision="bf16", max_grad_norm=1.0, zero_stage=stage, max_train_steps=10**6)
     config, clips = zero.deepspeed_config, zero.optimizer_clips
     zero.optimizer_clips = lambda train: optimizer_clips  # noqa: E731 -- the row's clipping, for this engine only
-    zero.deepspeed_config = lambda *a: {**config(*a), "zero_optimization": {**config(*a)["zero_optimization"],
-                                                                           "contiguous_gradients": contiguous}}
+    zero.deepspeed_config = lambda *a: with_contiguous(config(*a), contiguous)
     try:
         engine, _ = zero.init_engine(model, list(model.parameters()), train, 1)
     finally:

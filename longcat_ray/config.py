@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from longcat_ray.generated import GENERATORS
+
 GRID = 64  # aspect buckets live on a 64-px grid (the seed: "keep aspect_bucket_alignment at 64")
 SIZE_GRID = 16  # inference sizes: 8x VAE x 2x2 packing
 OFFICIAL_LORA_TARGETS = (
@@ -683,22 +685,26 @@ def check_reference_keys(dataset: DatasetConfig, label: str) -> list[str]:
     return problems
 
 
-GENERATED_KINDS = ("superresolution", "jpeg_artifacts", "canny", "edges")
+GENERATED_KINDS = tuple(GENERATORS)
 
 
-def add_generated_references(data: DataConfig) -> None:
+def add_generated_references(data: DataConfig, path: str) -> list[str]:
     """Each edit dataset's `conditioning` entries -> reference datasets `<id>_conditioning_<type>` (SimpleTuner's ids)
-    over the edit dataset's own images, named in its `conditioning_data`."""
+    over the edit dataset's own images, named in its `conditioning_data`. -> problems (an id already taken)."""
+    problems = []
     for edit in [d for d in data.datasets if d.conditioning and d.dataset_type == "image" and not d.disabled]:
         for spec in edit.conditioning:
             ref_id = f"{edit.id}_conditioning_{spec.get('type')}"
             if any(d.id == ref_id for d in data.datasets):
+                problems.append(f"{path}: dataset '{edit.id}': key 'conditioning' makes a reference dataset '{ref_id}', "
+                                "an id another dataset already has (or a type listed twice). Fix: rename that dataset.")
                 continue
             fields = edit.model_dump(exclude_unset=True, exclude={"id", "conditioning", "conditioning_data", "cache_dir_vae", "caption_strategy",
                                               "minimum_image_size", "repeats"})
             data.datasets.append(DatasetConfig(**{**fields, "id": ref_id, "dataset_type": "conditioning",
                                                   "caption_strategy": None, "generator": spec}))
             edit.conditioning_data.append(ref_id)
+    return problems
 
 
 HUB_FILTERS = ("collection", "quality_thresholds", "quality_column", "min_width", "min_height")
@@ -762,7 +768,7 @@ def finish_data(data: DataConfig, path: Path, output_dir: str) -> tuple[list[str
             f"LongCat buckets live on the {GRID}-px grid. Fix: set \"aspect_bucket_alignment\": {GRID}."
         )
     problems += link_sources(data, str(path))
-    add_generated_references(data)
+    problems += add_generated_references(data, str(path))
     references = {r for d in data.edit_datasets() for r in d.conditioning_data}
     for dataset in data.datasets:
         if dataset.dataset_type == "text_embeds" and dataset.cache_dir and not dataset.disabled:

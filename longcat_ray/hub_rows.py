@@ -45,12 +45,17 @@ def open_dataset(key: str):
 
 def dataset_for(settings: dict[str, Any]):
     """The dataset with its image column undecoded; a clear error names a missing column."""
+    return undecoded(settings_key(settings), settings.get("image_column") or "image", settings["dataset_name"])
+
+
+@functools.lru_cache(maxsize=8)
+def undecoded(key: str, column: str, name: str):
+    """Cast once per process: every image read of the cache stage goes through here."""
     import datasets
 
-    table = open_dataset(settings_key(settings))
-    column = settings.get("image_column") or "image"
+    table = open_dataset(key)
     if column not in table.column_names:
-        raise KeyError(f"{settings['dataset_name']} has no image column '{column}' (columns: {table.column_names})")
+        raise KeyError(f"{name} has no image column '{column}' (columns: {table.column_names})")
     if isinstance(table.features[column], datasets.Image):
         table = table.cast_column(column, datasets.Image(decode=False))
     return table

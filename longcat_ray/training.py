@@ -363,9 +363,8 @@ class TrainingLoop:
         from longcat_ray.model.loss import flow_matching_loss, to_device
 
         move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
-        draws = {key: inputs[key] for key in ("sigmas", "noise", "txt_ids", "img_ids")}  # cast where they are used
         with record_function("lcr:forward"):  # phases named in a profile's trace (StepProfiler)
-            loss = flow_matching_loss(self.engine, move(inputs["edit"]), move(inputs["ref"]), move(inputs["text"]), draws)
+            loss = flow_matching_loss(self.engine, move(inputs["edit"]), move(inputs["ref"]), move(inputs["text"]), inputs)
         with record_function("lcr:backward"):
             self.engine.backward(loss)
         with record_function("lcr:step"):

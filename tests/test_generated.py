@@ -85,3 +85,9 @@ def test_generators_longcat_cannot_use_are_refused_by_name(tmp_path, spec, named
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, [spec]))
     assert named in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_a_generator_listed_twice_is_named_not_dropped(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, [{"type": "canny"}, {"type": "canny", "low_threshold": 10}]))
+    assert "'photos_conditioning_canny', an id another dataset already has" in str(err.value)

@@ -46,8 +46,8 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """MSE between the DiT's velocity and eps - x0 on the edit latents, given the clean reference.
 
-    edit/ref latents [b, 16, h/8, w/8] (one bucket), prompt_embeds [b, L, d]; `draws`: `draw_step`'s output, or the
-    host generator to draw it from. The reference tokens ride along at the same timestep. Host draws reach the
+    edit/ref latents [b, 16, h/8, w/8] (one bucket), prompt_embeds [b, L, d]; `draws`: `draw_step`'s output (or a dict
+    holding its keys), or the host generator to draw it from. The reference tokens ride along at the same timestep. Host draws reach the
     device without a host-device sync.
     """
     if isinstance(draws, torch.Generator):
