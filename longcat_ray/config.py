@@ -111,6 +111,11 @@ class TrainConfig(Section):
     gradient_checkpointing_interval: int | None = Field(None, ge=1)
     """Checkpoint only every N-th double and single block (SimpleTuner's key): the others keep their
     activations, trading memory for less recomputation. Null or 1: every block."""
+    activation_memory_budget: float | None = Field(None, gt=0, le=1)
+    """Selective recomputation chosen by the compiler (needs `compile`): the share of the compiled blocks' activations
+    kept for the backward, 0 < x <= 1 (torch's `activation_memory_budget`: its partitioner recomputes the cheapest
+    operations, by FLOPs, until the rest fits; 1 keeps what an uncheckpointed compiled block keeps). When set it
+    replaces `gradient_checkpointing`'s whole-block recomputation in the compiled blocks. Null: off."""
     compile: bool | None = None
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""
@@ -601,6 +606,11 @@ def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list
         problems.append(f"{source}: key 'compile': torch.compile cannot take the '{precision}' base (torchao tensor "
                         "subclasses). Fix: remove \"compile\" (it is then off for this precision), or use "
                         "\"base_model_precision\": \"fp8-matmul\", which compiles.")
+    if train.activation_memory_budget is not None and (train.compile is False or precision in WEIGHT_ONLY):
+        why = "\"compile\": false" if train.compile is False else f"the '{precision}' base, which does not compile"
+        problems.append(f"{source}: key 'activation_memory_budget': the compiler chooses what to recompute, and {why} "
+                        "turns compile off. Fix: remove \"activation_memory_budget\" (\"gradient_checkpointing\" "
+                        "then recomputes whole blocks), or turn compile on.")
     return problems
 
 

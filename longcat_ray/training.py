@@ -229,11 +229,13 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     train, precision = config.train, config.model.base_model_precision
     # compile cannot take torchao's weight-only tensor subclasses (the config check refuses forcing it)
     compile = train.compile if train.compile is not None else device.type == "cuda" and precision not in WEIGHT_ONLY
+    budget = train.activation_memory_budget if compile else None
     every = train.gradient_checkpointing_interval or 1
-    checkpointing = "off" if not train.gradient_checkpointing else "every block" if every == 1 else f"1 block in {every}"
+    checkpointing = (f"compiler, {budget:g} of the activations" if budget is not None else "off"
+                     if not train.gradient_checkpointing else "every block" if every == 1 else f"1 block in {every}")
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
             "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing,
-            "zero_stage": train.zero_stage}
+            "activation_memory_budget": budget, "zero_stage": train.zero_stage}
 
 
 def build_model(config: Config, levers: dict[str, Any], world: int, device: torch.device, dtype: torch.dtype):
@@ -244,12 +246,14 @@ def build_model(config: Config, levers: dict[str, Any], world: int, device: torc
 
     train = config.train
     transformer = load_transformer(config.model, dtype, device)
-    checkpoint_blocks(transformer, train.gradient_checkpointing, train.gradient_checkpointing_interval)
+    budget = levers["activation_memory_budget"]  # the compiler's recomputation replaces whole-block checkpointing
+    checkpoint_blocks(transformer, train.gradient_checkpointing and budget is None, train.gradient_checkpointing_interval)
     params = add_lora(transformer, config.lora, train.seed)
     engine, scheduler = init_engine(transformer, params, train, world)
     with frozen_weights_replaceable(engine):
         quantize_base(transformer, levers["base_model_precision"])
-    speed_up_training(transformer, levers["attention"], levers["compile"], cpp_wrapper=levers["compile_wrapper"] == "cpp")
+    speed_up_training(transformer, levers["attention"], levers["compile"], cpp_wrapper=levers["compile_wrapper"] == "cpp",
+                      memory_budget=budget)
     return engine, params, scheduler
 
 

@@ -73,15 +73,23 @@ def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
     transformer.use_single_checkpoint = [i % every == 0 for i in range(len(transformer.single_transformer_blocks))]
 
 
-def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False) -> None:
+def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False,
+                      memory_budget: float | None = None) -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
     repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
     `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels);
-    `cpp_wrapper`: inductor's C++ wrapper around the kernels instead of Python."""
+    `cpp_wrapper`: inductor's C++ wrapper around the kernels instead of Python; `memory_budget`: the share of the
+    compiled blocks' activations kept for the backward (the partitioner recomputes the rest, cheapest FLOPs first)."""
     from longcat_ray.model.attention import use_training_attention
 
     use_training_attention(transformer, attention)
     if compile:
+        if memory_budget is not None:
+            import torch._functorch.config as functorch
+
+            # process-wide, read when each block's forward and backward are partitioned (its first call): the
+            # training worker's process compiles nothing else that trains
+            functorch.activation_memory_budget = memory_budget
         if cpp_wrapper and backend == "inductor":
             # process-wide: a per-compile option misses the backward, compiled later (pytorch#178845: "CudaKernelParamCache
             # not populated", hit on the H200 with torch 2.11)

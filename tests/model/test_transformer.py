@@ -9,21 +9,24 @@ from longcat_ray.model.loss import flow_matching_loss
 from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, quantize_base, speed_up_training
 
 
-def loss_and_grads(tiny, precision, checkpointing=(False, None), compile=False):
+def loss_and_grads(tiny, precision, checkpointing=(False, None), compile=False, memory_budget=None):
     model = ModelConfig(pretrained_model_name_or_path=str(tiny.model), base_model_precision=precision)
     transformer = load_transformer(model, torch.float32, torch.device("cpu"))
     checkpoint_blocks(transformer, *checkpointing)
     params = add_lora(transformer, LoraConfig(rank=4), seed=0)
     quantize_base(transformer, precision)  # after the adapter, as the training worker does
     # aot_eager: dynamo + AOT autograd's graph capture without generating kernels (fast on a CPU)
-    speed_up_training(transformer, "sdpa", compile=compile, backend="aot_eager")
+    speed_up_training(transformer, "sdpa", compile=compile, backend="aot_eager", memory_budget=memory_budget)
     with torch.no_grad():
         for p in params:
             p.add_(0.01)  # B starts at zero: make the adapter contribute so A gets a gradient too
     g = torch.Generator().manual_seed(0)
     edit, ref, text = torch.randn(1, 16, 16, 16, generator=g), torch.randn(1, 16, 16, 16, generator=g), torch.randn(1, 20, 64, generator=g)
-    loss = flow_matching_loss(transformer, edit, ref, text, torch.Generator().manual_seed(1))
+    saved = []  # bytes of every tensor the forward keeps for the backward
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        loss = flow_matching_loss(transformer, edit, ref, text, torch.Generator().manual_seed(1))
     loss.backward()
+    transformer.saved_bytes = sum(saved)
     return transformer, params, loss.item()
 
 
@@ -86,6 +89,24 @@ def test_compiled_blocks_keep_the_maths(tiny):
     assert loss == pytest.approx(reference, rel=1e-6)
     for mine, theirs in zip(params, plain):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_compilers_recomputation_keeps_the_maths_in_less_memory(tiny, monkeypatch):
+    """`activation_memory_budget`: the compiled blocks keep a smaller share of their activations and recompute the
+    rest in the backward; the loss and LoRA gradients stay the uncompiled model's."""
+    import torch._functorch.config as functorch
+
+    monkeypatch.setattr(functorch, "activation_memory_budget", functorch.activation_memory_budget)  # restored after
+    _, plain, reference = loss_and_grads(tiny, "no_change")
+    kept = []
+    for budget in (1.0, 0.1):
+        torch._dynamo.reset()  # each budget partitions its own graphs
+        transformer, params, loss = loss_and_grads(tiny, "no_change", compile=True, memory_budget=budget)
+        kept.append(transformer.saved_bytes)
+        assert loss == pytest.approx(reference, rel=1e-6)
+        for mine, theirs in zip(params, plain):
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    assert kept[1] < 0.8 * kept[0], kept
 
 
 def small_model_loss_and_grads(checkpointing):
