@@ -56,9 +56,8 @@ ROWS: dict[str, dict] = {
                     "activation_memory_budget": 0.5},
     "fast_fp8_b3": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
                     "activation_memory_budget": 0.3},
-    # A/B of one lever without a config key: environment variables the row's workers start with (Ray restarts)
-    "fast_fp8_repoint": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False,
-                         "env": {"LONGCAT_RAY_ALWAYS_REPOINT": "1"}},
+    "fast_fp8_b1": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
+                    "activation_memory_budget": 0.1},
     "int8_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "int8-torchao", "gradient_checkpointing": True},
     "fp8wo_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "fp8-torchao", "gradient_checkpointing": True},
 }
@@ -129,8 +128,6 @@ def row_config(config_path: Path, name: str, steps: int, out: Path, profile: boo
     if profile:  # the last full log window before the end; summarise leaves it out of the steady state
         config.train.profile_steps = (steps - 3, steps - 2)
     for key, value in ROWS[name].items():
-        if key == "env":
-            continue
         section = config.model if key == "base_model_precision" else config.train
         setattr(section, key, value)
     return config
@@ -162,7 +159,6 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
         "zero_stage": row.get("zero_stage", 1),
         "compile_wrapper": row.get("compile_wrapper", "python"),
         "activation_memory_budget": row.get("activation_memory_budget"),
-        "env": row.get("env", {}),
         "s_per_sample": round(s, 4),
         "samples_per_s": round(1 / s, 3),
         "mfu_989": round(tflop / (s * gpus) / PEAK_TFLOPS, 3),
@@ -177,29 +173,9 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
     }
 
 
-def restart_ray_with(env: dict[str, str]) -> None:
-    """Workers inherit the environment of the Ray they start in: a row whose `env` differs from the running Ray's
-    gets a fresh local Ray started with it (the cache stays on disk)."""
-    import ray
-
-    from longcat_ray.runtime import init_ray
-
-    wanted = {key: env.get(key) for key in {k for row in ROWS.values() for k in row.get("env", {})}}
-    if all(os.environ.get(key) == value for key, value in wanted.items()):
-        return
-    ray.shutdown()
-    for key, value in wanted.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    init_ray()
-
-
 def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     from longcat_ray.training import train
 
-    restart_ray_with(ROWS[name].get("env", {}))
     config = row_config(config_path, name, args.steps, Path(args.work), profile=name in args.profile.split(","))
     shutil.rmtree(config.train.output_dir, ignore_errors=True)  # a fresh run: its logs hold this row alone
     started = time.perf_counter()

@@ -6,7 +6,6 @@ Ray Train owns the process group; DeepSpeed joins it (gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
@@ -111,39 +110,7 @@ def init_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], train:
         config=deepspeed_config(train, world_size),
         dist_init_required=False,
     )
-    repoint_only_when_moved(engine.optimizer)
     return engine, scheduler
-
-
-# A/B switch for benchmarks/train_e2e.py (the lever measured alone): "1" keeps DeepSpeed's per-step re-pointing.
-ALWAYS_REPOINT = "LONGCAT_RAY_ALWAYS_REPOINT"
-
-
-def repoint_only_when_moved(optimizer) -> None:
-    """ZeRO-1/2: after every step DeepSpeed re-points each trainable parameter at its slice of the flat bf16 buffer
-    (`_update_model_bit16_weights`: narrow, view and two `.data =` per tensor, ~360 for the LoRA, "TODO: we probably
-    don't need this?" in its source), while the GPU has nothing queued. The parameters already are those slices, so
-    the step's values are unchanged either way; this keeps the re-pointing for the calls where some parameter no longer
-    aliases its slice (a checkpoint load that replaced the buffer) and skips it otherwise. ZeRO-3 has no such loop."""
-    repoint = getattr(optimizer, "_update_model_bit16_weights", None)
-    if repoint is None or os.environ.get(ALWAYS_REPOINT) == "1":
-        return
-
-    def update(group_index: int) -> None:
-        if not aliases_flat_buffer(optimizer, group_index):
-            repoint(group_index)
-
-    optimizer._update_model_bit16_weights = update
-
-
-def aliases_flat_buffer(optimizer, group_index: int) -> bool:
-    """Whether every parameter of the group is its slice of DeepSpeed's flat bf16 buffer (address and size)."""
-    flat = optimizer.bit16_groups_flat[group_index]
-    base, size = flat.data_ptr(), flat.element_size()
-    return all(p.data_ptr() == base + offset * size and p.numel() == meta.numel()
-               for p, meta, offset in zip(optimizer.round_robin_bit16_groups[group_index],
-                                          optimizer.round_robin_bit16_meta[group_index],
-                                          optimizer.round_robin_bit16_offsets[group_index]))
 
 
 @contextlib.contextmanager
