@@ -107,15 +107,18 @@ class TrainConfig(Section):
     """Micro-batch per worker (one aspect bucket per batch)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = True
-    """Recompute the blocks' activations in the backward instead of keeping them (less memory, slower)."""
+    """Recompute activations in the backward instead of keeping them (less memory, slower). With `compile` (on by
+    default on a GPU) the compiler picks what to recompute (`activation_memory_budget`); without it, whole blocks."""
     gradient_checkpointing_interval: int | None = Field(None, ge=1)
     """Checkpoint only every N-th double and single block (SimpleTuner's key): the others keep their
     activations, trading memory for less recomputation. Null or 1: every block."""
-    activation_memory_budget: float | None = Field(None, gt=0, le=1)
+    activation_memory_budget: float | None = Field(None, ge=0, le=1)
     """Selective recomputation chosen by the compiler (needs `compile`): the share of the compiled blocks' activations
-    kept for the backward, 0 < x <= 1 (torch's `activation_memory_budget`: its partitioner recomputes the cheapest
-    operations, by FLOPs, until the rest fits; 1 keeps what an uncheckpointed compiled block keeps). When set it
-    replaces `gradient_checkpointing`'s whole-block recomputation in the compiled blocks. Null: off."""
+    kept for the backward, 0 <= x <= 1 (torch's `activation_memory_budget`: its partitioner recomputes the cheapest
+    operations, by FLOPs, until the rest fits; 0 recomputes the whole block, 1 keeps what an uncheckpointed compiled
+    block keeps). It replaces whole-block checkpointing in the compiled blocks. Null: 0.1 when compile and
+    `gradient_checkpointing` are on without an interval (on an H200, fp8 base, 768²: 0.1 -> 0.255 s/sample at 10.3 GiB,
+    0.5 -> 0.239 s at 15.9 GiB, none -> 0.21 s at 21.7 GiB), else off."""
     compile: bool | None = None
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""

@@ -229,13 +229,29 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     train, precision = config.train, config.model.base_model_precision
     # compile cannot take torchao's weight-only tensor subclasses (the config check refuses forcing it)
     compile = train.compile if train.compile is not None else device.type == "cuda" and precision not in WEIGHT_ONLY
-    budget = train.activation_memory_budget if compile else None
+    budget = recompute_budget(train) if compile else None
     every = train.gradient_checkpointing_interval or 1
     checkpointing = (f"compiler, {budget:g} of the activations" if budget is not None else "off"
                      if not train.gradient_checkpointing else "every block" if every == 1 else f"1 block in {every}")
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
             "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing,
             "activation_memory_budget": budget, "zero_stage": train.zero_stage}
+
+
+# Under compile, `gradient_checkpointing` alone means the compiler's recomputation at this budget: on an H200 (fp8 base,
+# 768²) 0.2554 s/sample at 10.3 GiB, where whole-block checkpointing took 0.311 s at 13.6 GiB in the probe
+# (benchmarks/RESULTS.md)
+CHECKPOINTING_BUDGET = 0.1
+
+
+def recompute_budget(train) -> float | None:
+    """The compiled blocks' activation memory budget: the configured one, else CHECKPOINTING_BUDGET when
+    checkpointing is on without an interval (an interval asks for whole blocks, every N-th)."""
+    if train.activation_memory_budget is not None:
+        return train.activation_memory_budget
+    if train.gradient_checkpointing and train.gradient_checkpointing_interval in (None, 1):
+        return CHECKPOINTING_BUDGET
+    return None
 
 
 def build_model(config: Config, levers: dict[str, Any], world: int, device: torch.device, dtype: torch.dtype):

@@ -251,3 +251,17 @@ def test_a_worker_error_ray_cannot_pickle_reaches_the_driver_as_text():
     assert "Traceback" in str(sent) and "test_a_worker_error_ray_cannot_pickle" in str(sent)
     plain = ValueError("bad key")
     assert sendable(plain) is plain  # what Ray can send goes as it is (its type kept)
+
+
+@pytest.mark.parametrize("keys,budget", [
+    ({}, 0.1),  # gradient_checkpointing's default, under compile: the compiler recomputes
+    ({"activation_memory_budget": 0.5}, 0.5),
+    ({"gradient_checkpointing_interval": 2}, None),  # whole blocks, every other one, as asked
+    ({"gradient_checkpointing": False}, None),
+    ({"gradient_checkpointing": False, "activation_memory_budget": 0.3}, 0.3),
+])
+def test_checkpointing_under_compile_is_the_compilers_recomputation(keys, budget):
+    from longcat_ray.config import TrainConfig
+    from longcat_ray.training import recompute_budget
+
+    assert recompute_budget(TrainConfig(**keys)) == budget
