@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_CLUSTER = 3  # no cluster at the address, or it cannot hold the run (training.ClusterTooSmall)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -62,15 +63,27 @@ def report_dataset_error(err) -> int:
     return EXIT_BAD_INPUT
 
 
+def join_ray(address: str | None) -> bool:
+    """runtime.init_ray, with an unreachable cluster reported as one line instead of a traceback."""
+    from longcat_ray.runtime import init_ray
+
+    try:
+        init_ray(address)
+    except ConnectionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from longcat_ray.cache import build_cache
     from longcat_ray.pairs import DatasetError
-    from longcat_ray.runtime import init_ray
 
     config = load_or_report(args.config)
     if config is None:
         return EXIT_BAD_INPUT
-    init_ray()
+    if not join_ray(args.address):
+        return EXIT_CLUSTER
     try:
         summary = build_cache(config, workers=args.workers)
     except DatasetError as err:
@@ -83,19 +96,22 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from longcat_ray.pairs import DatasetError
-    from longcat_ray.runtime import init_ray
-    from longcat_ray.training import train
+    from longcat_ray.training import ClusterTooSmall, train
 
     config = load_or_report(args.config)
     if config is None:
         return EXIT_BAD_INPUT
     if args.workers:
         config.train.num_workers = args.workers
-    init_ray()
+    if not join_ray(args.address):
+        return EXIT_CLUSTER
     try:
         result = train(config)
     except DatasetError as err:
         return report_dataset_error(err)
+    except ClusterTooSmall as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CLUSTER
     print(f"trained {result.steps} steps; LoRA: {result.output_dir}/pytorch_lora_weights.safetensors "
           f"(PEFT: {result.output_dir}/adapter); last checkpoint: {result.checkpoint}")
     return 0
@@ -219,7 +235,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serve: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     config.api_token = config.token()  # read here, where the user's environment is
-    url = run_local(config, args.host, args.port)
+    if not join_ray(args.address):
+        return EXIT_CLUSTER
+    url = run_local(config, args.host, args.port, args.address)
     print(f"serving {config.model} at {url}/ (page), {url}/docs (API), {url}/v1/edit; "
           f"adapters from {config.lora_root or '(none)'}; auth: {'bearer token' if config.api_token else 'off'}", flush=True)
     signal.signal(signal.SIGTERM, stop_on_signal)
@@ -236,6 +254,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_config_and_workers(parser: argparse.ArgumentParser, workers_help: str) -> None:
     parser.add_argument("--config", required=True, help="path to config.json")
     parser.add_argument("--workers", type=int, default=None, help=workers_help)
+    add_address(parser)
+
+
+def add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to run on: host:port of its head, or `auto` (the default, also read from "
+                        "RAY_ADDRESS): join the Ray running on this machine if there is one, else start a local one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-gpus", type=float, help="GPUs per model replica (default: 1 if a GPU is visible, else 0)")
     srv.add_argument("--max-replicas", type=int, help="autoscaling ceiling for model replicas (default 1)")
     srv.add_argument("--max-batch-size", type=int, help="requests per denoising batch (default 4)")
+    add_address(srv)
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -98,13 +98,20 @@ def kind_options_key(kind: str, member: dict[str, Any]) -> str:
     return member["dataset_id"] if kind == "edit" else member["ref_dataset_id"]
 
 
+# CPUs each training worker reserves for the Ray Data tasks that read its batches (training.worker_resources). The
+# tasks themselves ask for none, at most READ_TASKS at a time: a Ray Train worker holds every CPU of its bundle, so
+# tasks that asked for a CPU would wait for free ones elsewhere, and on a node whose CPUs the workers hold, forever.
+READER_CPUS = 1
+READ_TASKS = 2
+
+
 def shard_dataset(batches: list[list[dict[str, Any]]], options: dict[str, dict[str, Any]], start: int = 0):
     """A rank's planned batches from index `start` on, as a Ray Data dataset of stacked batches, in order."""
     import ray
 
     rows = [{"index": i, "members": json.dumps(b)} for i, b in enumerate(batches) if i >= start]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.from_items(rows).map(load_batch, fn_kwargs={"options": options})
+    return ray.data.from_items(rows).map(load_batch, fn_kwargs={"options": options}, num_cpus=0, concurrency=READ_TASKS)
 
 
 def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Found on the H100 hosts (DESIGN.md §4): NVLink multicast paths fail there; every process gets these.
 PROCESS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
@@ -19,19 +20,61 @@ def missing_job_env() -> dict[str, str]:
     return {k: v for k, v in PROCESS_ENV.items() if k not in taken}
 
 
-def init_ray(address: str | None = None, quiet: bool = True) -> None:
-    """ray.init once, passing the process environment every worker needs."""
+def init_ray(address: str | None = None, quiet: bool = True, min_local_cpus: int = 4) -> None:
+    """ray.init once, passing the process environment every worker needs.
+
+    `address` (else RAY_ADDRESS, else "auto"): "auto" joins the cluster `ray start` runs on this machine when there
+    is one (a head kept up for the dashboard, a cluster node, a `ray job submit` driver) and otherwise starts a local
+    Ray with at least `min_local_cpus` logical CPUs (on a 2-core box two CPU training workers would otherwise leave
+    none for the Ray Data tasks that feed them); any other value is the cluster to join. One line on stderr says
+    which it was."""
     import ray
 
     if ray.is_initialized():
         return
     for key, value in PROCESS_ENV.items():
         os.environ.setdefault(key, value)
-    address = address or os.environ.get("RAY_ADDRESS")
-    # A local Ray gets at least 4 logical CPUs: on a 2-core box two CPU training workers would otherwise
-    # leave none for the Ray Data tasks that feed them.
-    local = {} if address else {"num_cpus": max(os.cpu_count() or 1, 4)}
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if address == "auto":
+        os.environ.pop("RAY_ADDRESS", None)  # ray.init would read it again, and "auto" joins any Ray process it finds
+        # "auto" (now with the recorded address found first) is also how ray.init picks up a local cluster's token auth
+        address = "auto" if started_cluster() else None
     env = missing_job_env()
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, **local)
+    runtime_env = {"env_vars": env} if env else None
+    if address is None:
+        ray.init(runtime_env=runtime_env, num_cpus=max(os.cpu_count() or 1, min_local_cpus))
+        how = "started a local Ray"
+    else:
+        try:
+            if address != "auto":
+                check_reachable(address)  # ray.init retries a dead address for minutes without a word
+            ray.init(address=address, runtime_env=runtime_env)
+        except ConnectionError as err:
+            raise ConnectionError(f"no Ray cluster answers at {address!r} ({err}). Fix: start it (`ray start --head`), "
+                                  "correct --address / RAY_ADDRESS, or unset both to run on a local Ray") from None
+        how = f"joined the running cluster at {ray.get_runtime_context().gcs_address}"
+    total = ray.cluster_resources()
+    print(f"ray: {how} ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)", file=sys.stderr, flush=True)
     if quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def started_cluster() -> str | None:
+    """The address `ray start` recorded on this machine (default temp dir), None when none runs (`ray stop` clears it).
+    A Ray that another program started with ray.init is not joined: it ends with that program."""
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """ConnectionError unless host:port (a head's GCS address; other forms pass) accepts a TCP connection."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing listens at {address} ({err.strerror or err})") from None

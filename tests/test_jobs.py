@@ -3,77 +3,22 @@ loopback): the tiny cache, train and validate jobs exactly as the README shows t
 workers placed on both nodes."""
 
 import json
-import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-RAY = str(Path(sys.executable).parent / "ray")
+from tests.ray_cluster import RAY, REPO, local_cluster, run
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def run(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} -> {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-def stop_cluster(temp_dir: Path) -> None:
-    """Stop only this cluster's processes (`ray stop` would also stop the session's other local Ray)."""
-    mine = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(temp_dir) in arg for arg in process.info["cmdline"] or []):
-                mine.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for process in mine:
-        try:
-            process.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=15)
-    for process in alive:
-        process.kill()
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A head (3 CPUs) and a second node (2 CPUs) on loopback, token auth with a token of its own."""
-    root = Path(tempfile.mkdtemp(prefix="lcr", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    gcs, dashboard = free_port(), free_port()
-    temp_dir = root / "ray"
-    # Own agent ports: the defaults (e.g. 52365) may be taken by the session's other local Ray.
-    common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats"]
-    run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "3", "--temp-dir", str(temp_dir), *common], env)
-    try:
-        run([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2",
-             "--dashboard-agent-listen-port", str(free_port()), *common], env)
-        yield {"env": env, "address": f"http://127.0.0.1:{dashboard}"}
-    finally:
-        stop_cluster(temp_dir)
-        shutil.rmtree(root, ignore_errors=True)
+    with local_cluster(3, (2,)) as running:
+        yield running
 
 
 def job_config(tiny_root: Path) -> Path:

@@ -276,11 +276,11 @@ def app(args: ServeConfig):
     return build_app(args)
 
 
-def run_local(config: ServeConfig, host: str, port: int) -> str:
-    """Start Serve's proxy on host:port and deploy the app (on RAY_ADDRESS's cluster, else a local Ray)."""
+def run_local(config: ServeConfig, host: str, port: int, address: str | None = None) -> str:
+    """Start Serve's proxy on host:port and deploy the app (on `address`'s cluster: `runtime.init_ray`)."""
     from longcat_ray.runtime import init_ray
 
-    init_ray()
+    init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"

@@ -1,0 +1,65 @@
+"""Reaching Ray (runtime.init_ray through the CLI) and planning a run's resources on a cluster that already runs, or
+is small: each ends in a working run or one clear line, never a traceback or a silent wait."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ray_cluster import REPO, free_port, local_cluster
+
+CLI = str(Path(sys.executable).parent / "longcat-ray")
+
+
+def cli(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`longcat-ray ARGS`; `timeout` only stops a hang from hanging the suite."""
+    return subprocess.run([CLI, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_an_address_nobody_answers_is_one_line(tiny):
+    port = free_port()  # free now: nothing listens there
+    done = cli(["cache", "--config", str(tiny.config), "--address", f"127.0.0.1:{port}"], timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"no Ray cluster answers at '127.0.0.1:{port}'" in done.stderr and "ray start --head" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def two_cpu_head():
+    """`ray start --head --num-cpus 2`, the README's token auth: the cluster a user keeps up on a small box."""
+    with local_cluster(2) as running:
+        yield running
+
+
+def short_config(tiny_root: Path, out: Path) -> Path:
+    """The tiny preset's config, 2 steps, output under `out`."""
+    config = json.loads((tiny_root / "config" / "config.json").read_text())
+    config.update({"--max_train_steps": 2, "--checkpointing_steps": 2, "--validation_steps": 0, "--output_dir": str(out)})
+    path = out.parent / "config.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+@pytest.mark.slow
+def test_commands_join_a_running_head_and_plan_for_its_cpus(two_cpu_head, tmp_path):
+    """On a 2-CPU head, two CPU training workers would hold both CPUs and starve their Ray Data readers (a hang
+    before): `train` is refused at once with the fix named; with one worker (its bundle holds its reader's CPU)
+    it trains. Every command joins the running cluster instead of failing on it."""
+    from longcat_ray.tiny import make_tiny
+
+    tiny = make_tiny(tmp_path / "tiny", pairs=4, seed=0)
+    config = short_config(tiny.root, tmp_path / "out")
+    env = {**two_cpu_head["env"], "RAY_ADDRESS": two_cpu_head["gcs"]}
+    cached = cli(["cache", "--config", str(config)], env)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    port = two_cpu_head["gcs"].rsplit(":", 1)[1]  # the host is the node's own IP as the GCS reports it
+    assert "ray: joined the running cluster at " in cached.stderr and f":{port} (2 CPUs, 0 GPUs)" in cached.stderr
+    refused = cli(["train", "--config", str(config)], env, timeout=300)
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    assert "CPU 4 needed, 2 in the cluster" in refused.stderr and "--workers" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    trained = cli(["train", "--config", str(config), "--workers", "1"], env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "trained 2 steps" in trained.stdout
