@@ -165,6 +165,10 @@ class TrainConfig(Section):
     them on different nodes."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train recovers from (restarting from the last checkpoint) before giving up."""
+    stall_timeout_s: float = Field(900, gt=0)
+    """A worker that has waited this long for its next batch stops with an error naming what its data reader waits
+    on (tasks pending for resources the cluster lacks, ...) instead of waiting forever. Only time spent waiting for
+    data counts: compile warm-up and slow steps do not."""
 
     @field_validator("lr_scheduler")
     @classmethod

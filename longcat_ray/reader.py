@@ -13,7 +13,7 @@ import json
 import queue
 import random
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -149,9 +149,15 @@ def group_encoded(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[list[str], d
         yield [m["sample_id"] for m in members], tensors
 
 
-def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+class ReaderStalled(RuntimeError):
+    """The consumer waited `stall_timeout_s` for the next batch."""
+
+
+def prefetch(items: Iterable[Any], depth: int = 2, stall_timeout_s: float | None = None,
+             explain: Callable[[float], str] = lambda waited: "") -> Iterator[Any]:
     """`items`, produced `depth` ahead on a background thread (reading, decoding and pinning the next batches
-    while the GPU trains on this one). Exceptions surface in the consumer; leaving early stops the producer."""
+    while the GPU trains on this one). Exceptions surface in the consumer; leaving early stops the producer. A wait
+    for the next item longer than `stall_timeout_s` raises ReaderStalled with `explain(seconds waited)`."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop, done = threading.Event(), object()
 
@@ -177,7 +183,10 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     thread.start()
     try:
         while True:
-            item, err = slots.get()
+            try:
+                item, err = slots.get(timeout=stall_timeout_s)
+            except queue.Empty:
+                raise ReaderStalled(f"no batch for {stall_timeout_s:g} s (stall_timeout_s). {explain(stall_timeout_s)}") from None
             if err is not None:
                 raise err
             if item is done:
@@ -191,3 +200,29 @@ def pin_batch(item: tuple[list[str], dict[str, torch.Tensor]]) -> tuple[list[str
     """(sample ids, tensors) -> the same with the tensors in pinned host memory when a GPU will read them."""
     ids, tensors = item
     return (ids, {kind: t.pin_memory() for kind, t in tensors.items()}) if torch.cuda.is_available() else item
+
+
+def stall_report(waited_s: float) -> str:
+    """What a starved reader waits on, from Ray's state API: tasks and actors pending for resources, against what
+    the cluster has free."""
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    here = ray.get_runtime_context().gcs_address  # this cluster, not whichever the state API would discover
+    try:
+        tasks = list_tasks(address=here, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, limit=1000,
+                           raise_on_missing_output=False)
+        actors = list_actors(address=here, filters=[("state", "=", "PENDING_CREATION")], detail=True, limit=1000,
+                             raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 -- a report without the state API still names the stall
+        return f"(Ray's state API did not answer: {err})"
+    waiting = [f"task {t.name} needs {t.required_resources}" for t in tasks]
+    waiting += [f"actor {a.class_name} needs {a.required_resources}" for a in actors]
+    free = {k: round(v, 2) for k, v in ray.available_resources().items()
+            if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+    if not waiting:
+        return ("Nothing waits for cluster resources: the reader's tasks run but return nothing (slow or unreachable "
+                f"storage?). Free now: {free}.")
+    shown = "; ".join(sorted(set(waiting))[:8])
+    return (f"{len(waiting)} waiting for resources no node has free: {shown}. Free now: {free}. Fix: fewer workers, "
+            "nodes with more CPUs (or the resources named), or an autoscaler that can add them.")

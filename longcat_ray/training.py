@@ -381,11 +381,11 @@ class TrainingLoop:
             self.checkpoint(self.metrics())  # the final state is always a checkpoint
 
     def run_epoch(self, epoch: int, start: int) -> None:
-        from longcat_ray.reader import prefetch
+        from longcat_ray.reader import prefetch, stall_report
 
         train, first = self.config.train, self.state.micro_step
         batches = (self.step_inputs(first + i, *batch) for i, batch in enumerate(self.epoch_batches(epoch, start)))
-        for sample_ids, inputs in prefetch(batches, depth=2):
+        for sample_ids, inputs in prefetch(batches, depth=2, stall_timeout_s=train.stall_timeout_s, explain=stall_report):
             self.log_samples(sample_ids)
             self.profiler.at_step(self.state.step)
             self.train_micro_batch(inputs)

@@ -64,3 +64,45 @@ def test_a_group_of_one_plans_as_before():
     ids = lambda plan: [[[s["sample_id"] for s in b] for b in r] for r in plan]  # noqa: E731
     assert ids(plan_epoch(data, 2, 2, 5, 1)) == before
     assert ids(plan_epoch([{**s, "group": s["sample_id"]} for s in data], 2, 2, 5, 1)) == before
+
+
+def test_a_reader_that_yields_nothing_stops_the_wait_with_the_explanation():
+    import time
+
+    from longcat_ray.reader import ReaderStalled, prefetch
+
+    def starved():
+        yield ["s0"], {}
+        time.sleep(30)  # never hands over a second batch within the timeout
+        yield ["s1"], {}
+
+    batches = prefetch(starved(), stall_timeout_s=0.5, explain=lambda waited: f"waited {waited:g} s on nothing")
+    assert next(batches)[0] == ["s0"]
+    with pytest.raises(ReaderStalled, match=r"no batch for 0.5 s \(stall_timeout_s\)\. waited 0.5 s on nothing"):
+        next(batches)
+
+
+def test_the_stall_report_names_what_waits_for_resources(ray_local):
+    """A task that asks for a resource no node has, as a starved reader's tasks do: the report names it and its
+    demand (Ray's state API on the session's local Ray)."""
+    import time
+
+    import ray
+
+    from longcat_ray.reader import stall_report
+
+    @ray.remote(resources={"longcat_test_missing": 1}, num_cpus=0)
+    def starved_read():
+        return 0
+
+    pending = starved_read.remote()
+    try:
+        for _ in range(60):  # task states reach the state API within a few seconds
+            report = stall_report(1.0)
+            if "longcat_test_missing" in report:
+                break
+            time.sleep(1)
+        assert "task starved_read needs" in report and "longcat_test_missing" in report, report
+        assert "Free now:" in report and "Fix:" in report
+    finally:
+        ray.cancel(pending, force=True)
