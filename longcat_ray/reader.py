@@ -98,11 +98,9 @@ def kind_options_key(kind: str, member: dict[str, Any]) -> str:
     return member["dataset_id"] if kind == "edit" else member["ref_dataset_id"]
 
 
-# CPUs each training worker reserves for the Ray Data tasks that read its batches (training.worker_resources). The
-# tasks themselves ask for none, at most READ_TASKS at a time: a Ray Train worker holds every CPU of its bundle, so
-# tasks that asked for a CPU would wait for free ones elsewhere, and on a node whose CPUs the workers hold, forever.
+# CPUs each training worker's data reader needs free beside the workers (training.check_cluster_fits): its Ray Data
+# read tasks ask for one each, outside the workers' placement group (a Ray Train worker holds its whole bundle).
 READER_CPUS = 1
-READ_TASKS = 2
 
 
 def shard_dataset(batches: list[list[dict[str, Any]]], options: dict[str, dict[str, Any]], start: int = 0):
@@ -111,7 +109,7 @@ def shard_dataset(batches: list[list[dict[str, Any]]], options: dict[str, dict[s
 
     rows = [{"index": i, "members": json.dumps(b)} for i, b in enumerate(batches) if i >= start]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.from_items(rows).map(load_batch, fn_kwargs={"options": options}, num_cpus=0, concurrency=READ_TASKS)
+    return ray.data.from_items(rows).map(load_batch, fn_kwargs={"options": options}, num_cpus=READER_CPUS)
 
 
 def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -62,23 +62,24 @@ class ClusterTooSmall(RuntimeError):
     """The cluster cannot hold the run's plan and no autoscaler can add what is missing."""
 
 
-def worker_resources(config: Config, gpus: int) -> dict[str, float]:
-    """One training worker's placement-group bundle: its own CPU, the CPUs its data reader's tasks run on
-    (reader.READER_CPUS; cached mode), and its GPU."""
-    from longcat_ray.reader import READER_CPUS
-
-    reader = 0 if config.data.cache_streaming else READER_CPUS
-    return {"CPU": 1 + reader, **({"GPU": 1} if gpus else {})}
+def worker_resources(gpus: int) -> dict[str, float]:
+    """One training worker's placement-group bundle (Ray Train's: one CPU, and its GPU)."""
+    return {"CPU": 1, **({"GPU": 1} if gpus else {})}
 
 
-def check_cluster_fits(bundle: dict[str, float], workers: int) -> None:
-    """Refuses, before anything starts, a plan the cluster cannot hold now and its autoscaler cannot grow to (a
-    training worker group waits for its placement group forever otherwise). Fits on the cluster's total or, with an
-    autoscaler, on the most its node groups can add; where that is unknown, on the largest node for one bundle."""
+def check_cluster_fits(config: Config, bundle: dict[str, float], workers: int) -> None:
+    """Refuses, before anything starts, a plan the cluster cannot hold now and its autoscaler cannot grow to: the
+    workers' bundles, and beside them a CPU for each worker's data reader (cached mode; its tasks run outside the
+    workers' placement group, so workers holding every CPU would starve them: a silent hang). Fits on the cluster's
+    total or, with an autoscaler, on the most its node groups can add; without one, a node must hold a bundle."""
     import ray
     from ray._private.state import state
 
+    from longcat_ray.reader import READER_CPUS
+
+    reader = 0 if config.data.cache_streaming else READER_CPUS
     need = {key: value * workers for key, value in bundle.items()}
+    need["CPU"] += reader * workers
     total = ray.cluster_resources()
     ceiling = state.get_max_resources_from_cluster_config() or {}  # an autoscaler's node groups, when there is one
     short = {key: (value, max(total.get(key, 0), ceiling.get(key, 0))) for key, value in need.items()
@@ -87,15 +88,15 @@ def check_cluster_fits(bundle: dict[str, float], workers: int) -> None:
     if short:
         have = ", ".join(f"{key} {need_:g} needed, {has:g} in the cluster" for key, (need_, has) in short.items())
         raise ClusterTooSmall(
-            f"training needs {workers} workers x ({per}; one CPU of each is its data reader's): {have}, and no "
-            "autoscaler can add more. Fix: fewer workers (--workers / \"num_workers\"), or a cluster with more CPUs "
-            "(`ray start --head --num-cpus N`, a bigger node, or an autoscaler config whose node groups can add them).")
+            f"training needs {workers} workers x ({per}) and {reader:g} CPU beside each for its data reader: {have}, "
+            "and no autoscaler can add more. Fix: fewer workers (--workers / \"num_workers\"), or a cluster with more "
+            "CPUs (`ray start --head --num-cpus N`, a bigger node, or an autoscaler config whose node groups can add them).")
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not ceiling and not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
         raise ClusterTooSmall(
             f"each training worker needs {per} on one node; no node of the cluster has that ("
             + "; ".join(f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for node in nodes)
-            + "). Fix: give the GPU nodes more CPUs (`ray start --num-cpus N`), or add a node that has them.")
+            + "). Fix: give the GPU nodes CPUs (`ray start --num-cpus N`), or add a node that has them.")
 
 
 def check_stream_resources(config: Config, workers: int, gpus: int) -> None:
@@ -146,8 +147,8 @@ def train(config: Config, progress: bool = True) -> TrainResult:
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = worker_count(config, gpus)
-    bundle = worker_resources(config, gpus)
-    check_cluster_fits(bundle, workers)  # before the cache stage: a plan that cannot run is refused at once
+    bundle = worker_resources(gpus)
+    check_cluster_fits(config, bundle, workers)  # before the cache stage: a plan that cannot run is refused at once
     check_stream_resources(config, workers, gpus)
     manifest = prepare_data(config, progress)
     resume = config.train.resume_from_checkpoint
