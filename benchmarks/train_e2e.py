@@ -171,7 +171,9 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
 
 
 def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
-    from longcat_ray.training import recompute_budget, train
+    import torch
+
+    from longcat_ray.training import resolved_levers, train
 
     config = row_config(config_path, name, args.steps, Path(args.work), profile=name in args.profile.split(","))
     shutil.rmtree(config.train.output_dir, ignore_errors=True)  # a fresh run: its logs hold this row alone
@@ -183,7 +185,8 @@ def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     log = Path(config.train.output_dir) / "logs" / "metrics-rank0.jsonl"
     windows = [json.loads(line) for line in log.read_text().splitlines()]
     result = summarise(name, windows, args.skip, args.side, baseline, config.train.profile_steps)
-    result["activation_memory_budget"] = recompute_budget(config.train) if config.train.compile else None  # as resolved
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result["activation_memory_budget"] = resolved_levers(config, device)["activation_memory_budget"]  # the worker's
     result["wall_s"] = round(time.perf_counter() - started, 1)
     for written, kept in (("profile-rank0.txt", f"profile_{name}.txt"), ("trace-rank0.json.gz", f"trace_{name}.json.gz")):
         if log.with_name(written).exists():

@@ -507,6 +507,7 @@ def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_
     # one block per batch: the encoders get full batches, not a full one and a remainder per block
     blocks = max(1, -(-len(rows) // plan.batch_size))
     prepared = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(prepare_batch, **cpu_stage(plan))
+    actor = encoder_actor_resources(gpus_per_actor)
     # Distinct resource asks keep Ray Data from fusing the CPU stages into the encoder actor, so decoding and
     # writing run on every CPU of the cluster while the GPUs encode.
     return prepared.map_batches(
@@ -514,10 +515,15 @@ def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_
         fn_constructor_kwargs={"plan": plan, "factory": factory, "compile": should_compile(plan, len(rows), actors)},
         # two calls at once per actor, on two threads: one's CPU work runs while the other's batch is on the GPU
         compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
-        num_gpus=gpus_per_actor,
-        num_cpus=1 if gpus_per_actor else 0.5,
+        num_gpus=actor["GPU"],
+        num_cpus=actor["CPU"],
         batch_size=plan.batch_size,
     )
+
+
+def encoder_actor_resources(gpus_per_actor: float) -> dict[str, float]:
+    """What one CacheEncoder actor holds (training.check_cluster_fits plans the streaming readers' actors with it)."""
+    return {"CPU": 1 if gpus_per_actor else 0.5, "GPU": gpus_per_actor}
 
 
 MANIFEST_KEYS = ("sample_id", "group", "dataset_id", "ref_dataset_id", "bucket_w", "bucket_h", "repeats", "caption")

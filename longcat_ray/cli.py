@@ -260,7 +260,7 @@ def add_config_and_workers(parser: argparse.ArgumentParser, workers_help: str) -
 def add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to run on: host:port of its head, or `auto` (the default, also read from "
-                        "RAY_ADDRESS): join the Ray running on this machine if there is one, else start a local one")
+                        "RAY_ADDRESS): join the cluster `ray start` runs on this machine, else start a local Ray")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,10 +152,10 @@ class ReaderStalled(RuntimeError):
 
 
 def prefetch(items: Iterable[Any], depth: int = 2, stall_timeout_s: float | None = None,
-             explain: Callable[[float], str] = lambda waited: "") -> Iterator[Any]:
+             explain: Callable[[], str] = lambda: "") -> Iterator[Any]:
     """`items`, produced `depth` ahead on a background thread (reading, decoding and pinning the next batches
     while the GPU trains on this one). Exceptions surface in the consumer; leaving early stops the producer. A wait
-    for the next item longer than `stall_timeout_s` raises ReaderStalled with `explain(seconds waited)`."""
+    for the next item longer than `stall_timeout_s` raises ReaderStalled with `explain()`."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop, done = threading.Event(), object()
 
@@ -184,7 +184,7 @@ def prefetch(items: Iterable[Any], depth: int = 2, stall_timeout_s: float | None
             try:
                 item, err = slots.get(timeout=stall_timeout_s)
             except queue.Empty:
-                raise ReaderStalled(f"no batch for {stall_timeout_s:g} s (stall_timeout_s). {explain(stall_timeout_s)}") from None
+                raise ReaderStalled(f"no batch for {stall_timeout_s:g} s (stall_timeout_s). {explain()}") from None
             if err is not None:
                 raise err
             if item is done:
@@ -200,7 +200,7 @@ def pin_batch(item: tuple[list[str], dict[str, torch.Tensor]]) -> tuple[list[str
     return (ids, {kind: t.pin_memory() for kind, t in tensors.items()}) if torch.cuda.is_available() else item
 
 
-def stall_report(waited_s: float) -> str:
+def stall_report() -> str:
     """What a starved reader waits on, from Ray's state API: tasks and actors pending for resources, against what
     the cluster has free."""
     import ray

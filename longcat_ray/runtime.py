@@ -35,10 +35,12 @@ def init_ray(address: str | None = None, quiet: bool = True, min_local_cpus: int
     for key, value in PROCESS_ENV.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    target, fix = address, "correct --address / RAY_ADDRESS, or unset both to run on a local Ray"
     if address == "auto":
         os.environ.pop("RAY_ADDRESS", None)  # ray.init would read it again, and "auto" joins any Ray process it finds
+        target, fix = started_cluster(), "`ray stop` clears the record of a cluster that died, then run again"
         # "auto" (now with the recorded address found first) is also how ray.init picks up a local cluster's token auth
-        address = "auto" if started_cluster() else None
+        address = "auto" if target else None
     env = missing_job_env()
     runtime_env = {"env_vars": env} if env else None
     if address is None:
@@ -46,12 +48,11 @@ def init_ray(address: str | None = None, quiet: bool = True, min_local_cpus: int
         how = "started a local Ray"
     else:
         try:
-            if address != "auto":
-                check_reachable(address)  # ray.init retries a dead address for minutes without a word
+            check_reachable(target)  # ray.init retries a dead address for minutes without a word
             ray.init(address=address, runtime_env=runtime_env)
         except ConnectionError as err:
-            raise ConnectionError(f"no Ray cluster answers at {address!r} ({err}). Fix: start it (`ray start --head`), "
-                                  "correct --address / RAY_ADDRESS, or unset both to run on a local Ray") from None
+            raise ConnectionError(f"no Ray cluster answers at {target!r} ({err}). Fix: start it (`ray start --head`), "
+                                  f"or {fix}") from None
         how = f"joined the running cluster at {ray.get_runtime_context().gcs_address}"
     total = ray.cluster_resources()
     print(f"ray: {how} ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)", file=sys.stderr, flush=True)

@@ -67,46 +67,44 @@ def worker_resources(gpus: int) -> dict[str, float]:
     return {"CPU": 1, **({"GPU": 1} if gpus else {})}
 
 
-def check_cluster_fits(config: Config, bundle: dict[str, float], workers: int) -> None:
-    """Refuses, before anything starts, a plan the cluster cannot hold now and its autoscaler cannot grow to: the
-    workers' bundles, and beside them a CPU for each worker's data reader (cached mode; its tasks run outside the
-    workers' placement group, so workers holding every CPU would starve them: a silent hang). Fits on the cluster's
-    total or, with an autoscaler, on the most its node groups can add; without one, a node must hold a bundle."""
+def reader_resources(config: Config, gpus: int) -> dict[str, float]:
+    """What each worker's data reader needs beside the worker: cached, a CPU for its read tasks (they run outside
+    the workers' placement group, so workers holding every CPU would starve them: a silent hang); streaming, its own
+    encoder actor (its decode tasks take whichever CPU is free)."""
+    from longcat_ray.cache import encoder_actor_resources
+    from longcat_ray.reader import READER_CPUS
+
+    if not config.data.cache_streaming:
+        return {"CPU": READER_CPUS}
+    return encoder_actor_resources(config.data.stream_encoder_gpus if gpus else 0)
+
+
+def check_cluster_fits(bundle: dict[str, float], reader: dict[str, float], workers: int) -> None:
+    """Refuses, before anything starts, a plan the cluster cannot hold now and its autoscaler cannot grow to: each
+    worker's bundle and its reader. Fits on the cluster's total or, with an autoscaler, on the most its node groups
+    can add; without one, a node must hold a bundle."""
     import ray
     from ray._private.state import state
 
-    from longcat_ray.reader import READER_CPUS
-
-    reader = 0 if config.data.cache_streaming else READER_CPUS
-    need = {key: value * workers for key, value in bundle.items()}
-    need["CPU"] += reader * workers
+    need = {key: workers * (bundle.get(key, 0) + reader.get(key, 0)) for key in {*bundle, *reader}}
     total = ray.cluster_resources()
     ceiling = state.get_max_resources_from_cluster_config() or {}  # an autoscaler's node groups, when there is one
-    short = {key: (value, max(total.get(key, 0), ceiling.get(key, 0))) for key, value in need.items()
-             if value > max(total.get(key, 0), ceiling.get(key, 0))}
+    room = {key: max(total.get(key, 0), ceiling.get(key, 0)) for key in need}
     per = " + ".join(f"{value:g} {key}" for key, value in bundle.items())
+    beside = " + ".join(f"{value:g} {key}" for key, value in reader.items() if value)
+    short = [f"{key} {value:g} needed, {room[key]:g} in the cluster" for key, value in need.items() if value > room[key]]
     if short:
-        have = ", ".join(f"{key} {need_:g} needed, {has:g} in the cluster" for key, (need_, has) in short.items())
         raise ClusterTooSmall(
-            f"training needs {workers} workers x ({per}) and {reader:g} CPU beside each for its data reader: {have}, "
+            f"training needs {workers} workers x ({per}) and beside each its data reader ({beside}): {', '.join(short)}, "
             "and no autoscaler can add more. Fix: fewer workers (--workers / \"num_workers\"), or a cluster with more "
-            "CPUs (`ray start --head --num-cpus N`, a bigger node, or an autoscaler config whose node groups can add them).")
+            "CPUs/GPUs (`ray start --head --num-cpus N`, a bigger node, or an autoscaler config whose node groups can add "
+            "them); streaming: a lower stream_encoder_gpus, or cache first (cache_streaming: false).")
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not ceiling and not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
         raise ClusterTooSmall(
             f"each training worker needs {per} on one node; no node of the cluster has that ("
             + "; ".join(f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for node in nodes)
             + "). Fix: give the GPU nodes CPUs (`ray start --num-cpus N`), or add a node that has them.")
-
-
-def check_stream_resources(config: Config, workers: int, gpus: int) -> None:
-    """Streaming mode on GPUs: every worker's encoder actor needs its GPUs too, or the run waits for them."""
-    need = workers * (1 + config.data.stream_encoder_gpus)
-    if config.data.cache_streaming and gpus and need > gpus:
-        print(f"warning: streaming with {workers} workers needs {need:g} GPUs ({workers} training + {workers} x "
-              f"stream_encoder_gpus {config.data.stream_encoder_gpus:g}); the cluster has {gpus} now. Unless an "
-              "autoscaler adds GPUs the run waits: lower num_workers or stream_encoder_gpus, or cache first "
-              "(cache_streaming: false).", flush=True)
 
 
 def validation_pairs(manifest: list[dict[str, Any]], config: Config) -> list[dict[str, Any]]:
@@ -148,8 +146,8 @@ def train(config: Config, progress: bool = True) -> TrainResult:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = worker_count(config, gpus)
     bundle = worker_resources(gpus)
-    check_cluster_fits(config, bundle, workers)  # before the cache stage: a plan that cannot run is refused at once
-    check_stream_resources(config, workers, gpus)
+    # before the cache stage: a plan that cannot run is refused at once
+    check_cluster_fits(bundle, reader_resources(config, gpus), workers)
     manifest = prepare_data(config, progress)
     resume = config.train.resume_from_checkpoint
     explicit = Checkpoint(resume) if resume and resume != "latest" else None
@@ -273,17 +271,24 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     # compile cannot take torchao's weight-only tensor subclasses (the config check refuses forcing it)
     compile = train.compile if train.compile is not None else device.type == "cuda" and precision not in WEIGHT_ONLY
     budget = recompute_budget(train) if compile else None
-    every = train.gradient_checkpointing_interval or 1
-    checkpointing = (f"compiler, {budget:g} of the activations" if budget is not None else "off"
-                     if not train.gradient_checkpointing else "every block" if every == 1 else f"1 block in {every}")
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
-            "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing,
+            "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing(train, budget),
             "activation_memory_budget": budget, "zero_stage": train.zero_stage}
 
 
-# Under compile, `gradient_checkpointing` alone means the compiler's recomputation at this budget: on an H200 (fp8 base,
-# 768²) 0.2554 s/sample at 10.3 GiB, where whole-block checkpointing took 0.311 s at 13.6 GiB in the probe
-# (benchmarks/RESULTS.md)
+def checkpointing(train, budget: float | None) -> str:
+    """What recomputes in the backward, in words (the worker's first log line)."""
+    if budget is not None:
+        return f"compiler, {budget:g} of the activations"
+    if not train.gradient_checkpointing:
+        return "off"
+    every = train.gradient_checkpointing_interval or 1
+    return "every block" if every == 1 else f"1 block in {every}"
+
+
+# Under compile, `gradient_checkpointing` alone means the compiler's recomputation at this budget: on an H200 (fp8
+# base, 768², through `longcat-ray train`) 0.2554 s/sample at 10.3 GiB; whole-block checkpointing under compile was
+# measured only in a plain-loop probe (bf16 base): 0.311 s at 13.6 GiB (benchmarks/RESULTS.md)
 CHECKPOINTING_BUDGET = 0.1
 
 

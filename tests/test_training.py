@@ -265,3 +265,19 @@ def test_checkpointing_under_compile_is_the_compilers_recomputation(keys, budget
     from longcat_ray.training import recompute_budget
 
     assert recompute_budget(TrainConfig(**keys)) == budget
+
+
+def test_the_plan_counts_each_readers_needs_and_refuses_what_cannot_run(tiny, tmp_path, ray_local):
+    """Cached: a CPU per worker for its read tasks; streaming: its own encoder actor, whose GPU share a GPU cluster
+    must hold beside the workers' (a streamed run on 1 GPU per worker and 1 per encoder waits forever on a cluster
+    with one GPU per worker). Checked against the session's real local Ray (no GPUs)."""
+    from longcat_ray.training import ClusterTooSmall, check_cluster_fits, reader_resources, worker_resources
+
+    config = tiny_config(tiny, tmp_path)
+    assert reader_resources(config, gpus=0) == {"CPU": 1}
+    config.data.cache_streaming = True
+    assert reader_resources(config, gpus=0) == {"CPU": 0.5, "GPU": 0}
+    assert reader_resources(config, gpus=8) == {"CPU": 1, "GPU": config.data.stream_encoder_gpus}
+    check_cluster_fits(worker_resources(0), reader_resources(config, 0), 2)  # 2 x (1 + 0.5) CPUs of the 4
+    with pytest.raises(ClusterTooSmall, match=r"GPU 2 needed, 0 in the cluster.*stream_encoder_gpus"):
+        check_cluster_fits(worker_resources(1), reader_resources(config, 1), 1)
