@@ -56,6 +56,8 @@ ROWS: dict[str, dict] = {
                     "activation_memory_budget": 0.5},
     "fast_fp8_b3": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
                     "activation_memory_budget": 0.3},
+    "fast_fp8_b0": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
+                    "activation_memory_budget": 0.0},
     "int8_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "int8-torchao", "gradient_checkpointing": True},
     "fp8wo_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "fp8-torchao", "gradient_checkpointing": True},
 }

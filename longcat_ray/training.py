@@ -303,19 +303,23 @@ def recompute_budget(train) -> float | None:
 
 
 def build_model(config: Config, levers: dict[str, Any], world: int, device: torch.device, dtype: torch.dtype):
-    """-> (DeepSpeed engine, LoRA parameters, lr scheduler): the DiT with its adapter, placed by DeepSpeed, then
-    the frozen base quantized and the speed levers (`resolved_levers`) applied (model/transformer.py)."""
-    from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, quantize_base, speed_up_training
+    """-> (DeepSpeed engine, LoRA parameters, lr scheduler): the DiT loaded on the CPU with its adapter (initialised
+    there: the same on any machine), moved to the device block by block (fp8-matmul converting each block as it
+    arrives), placed by DeepSpeed, torchao's weight-only base quantized, then the speed levers (`resolved_levers`)
+    applied (model/transformer.py)."""
+    from longcat_ray.model.transformer import (add_lora, checkpoint_blocks, load_transformer, place_base, quantize_base,
+                                               speed_up_training)
     from longcat_ray.zero import frozen_weights_replaceable, init_engine
 
-    train = config.train
-    transformer = load_transformer(config.model, dtype, device)
+    train, precision = config.train, levers["base_model_precision"]
+    transformer = load_transformer(config.model, dtype, torch.device("cpu"))
     budget = levers["activation_memory_budget"]  # the compiler's recomputation replaces whole-block checkpointing
     checkpoint_blocks(transformer, train.gradient_checkpointing and budget is None, train.gradient_checkpointing_interval)
     params = add_lora(transformer, config.lora, train.seed)
+    place_base(transformer, precision, device)
     engine, scheduler = init_engine(transformer, params, train, world)
     with frozen_weights_replaceable(engine):
-        quantize_base(transformer, levers["base_model_precision"])
+        quantize_base(transformer, precision)
     speed_up_training(transformer, levers["attention"], levers["compile"], cpp_wrapper=levers["compile_wrapper"] == "cpp",
                       memory_budget=budget)
     return engine, params, scheduler

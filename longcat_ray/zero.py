@@ -118,8 +118,8 @@ def frozen_weights_replaceable(engine):
     """Inside the block, frozen weights swapped out of the module (a quantized base) are freed as they go.
 
     `deepspeed.initialize` keeps a {parameter: name} map of every parameter, shared with its ZeRO optimizer;
-    left alone it holds the replaced bf16 base alive beside its quantized copy (on an H200 the fp8-matmul row
-    peaked 4.2 GiB above bf16's: the fp8 copies' computed size). The map is edited in place (the optimizer holds the same dict): frozen entries
+    left alone it holds the replaced bf16 base alive beside its quantized copy (on an H200 the fp8-matmul row,
+    then quantized here, peaked 4.2 GiB above bf16's: the fp8 copies' computed size). The map is edited in place (the optimizer holds the same dict): frozen entries
     leave before the block, the module's current parameters are named again after it."""
     names = engine.param_names
     for param in [p for p in names if not p.requires_grad]:

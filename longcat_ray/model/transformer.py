@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from longcat_ray.config import LoraConfig, ModelConfig
+from longcat_ray.config import WEIGHT_ONLY, LoraConfig, ModelConfig
 
 ADAPTER = "default"
 
 
 def load_transformer(model: ModelConfig, dtype: torch.dtype, device: torch.device):
-    """The DiT from a pipeline folder or hub id, frozen (`quantize_base` runs once the LoRA is attached)."""
+    """The DiT from a pipeline folder or hub id, frozen, on `device` (the training worker loads on the CPU and
+    moves it with `place_base`, after the LoRA is attached)."""
     from diffusers import LongCatImageTransformer2DModel
 
     transformer = LongCatImageTransformer2DModel.from_pretrained(
@@ -21,20 +22,29 @@ def load_transformer(model: ModelConfig, dtype: torch.dtype, device: torch.devic
     return transformer.requires_grad_(False)
 
 
+def place_base(transformer, precision: str, device: torch.device) -> None:
+    """Moves the DiT to `device` one block at a time; `fp8-matmul` converts each block's frozen linears
+    (model/fp8.py) as it arrives, so the device never holds the whole bf16 base beside its fp8 copy (the full DiT
+    is 11.7 GiB in bf16, 5.8 GiB converted)."""
+    pieces = [*transformer.transformer_blocks, *transformer.single_transformer_blocks, transformer]
+    for piece in pieces:  # the last piece moves what is left: embedders, final norm, output projection
+        piece.to(device)
+        if precision == "fp8-matmul":
+            from longcat_ray.model.fp8 import convert_base
+
+            # linears narrower than the model (the 64-channel patch embedder and output projection) stay in bf16
+            convert_base(piece, min_features=transformer.inner_dim)
+
+
 def quantize_base(transformer, precision: str) -> None:
-    """The frozen linears (never LoRA's) in fp8 matmuls or torchao weight-only int8/fp8, in place.
+    """torchao's weight-only int8/fp8 for the frozen linears (never LoRA's), in place; other precisions are
+    placed by `place_base`.
 
     Runs after the LoRA is attached and after DeepSpeed has placed the model: peft then wraps plain bf16
     linears, and DeepSpeed's `module.to(device)` never meets a torchao tensor subclass (it cannot swap one:
     "Couldn't swap Linear.weight" on an H200).
     """
-    if precision == "no_change":
-        return
-    if precision == "fp8-matmul":
-        from longcat_ray.model.fp8 import convert_to_float8
-
-        # linears narrower than the model (the 64-channel patch embedder and output projection) stay in bf16
-        convert_to_float8(transformer, min_features=transformer.inner_dim)
+    if precision not in WEIGHT_ONLY:
         return
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 

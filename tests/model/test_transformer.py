@@ -6,7 +6,7 @@ import torch
 
 from longcat_ray.config import OFFICIAL_LORA_TARGETS, LoraConfig, ModelConfig
 from longcat_ray.model.loss import flow_matching_loss
-from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, quantize_base, speed_up_training
+from longcat_ray.model.transformer import add_lora, checkpoint_blocks, load_transformer, place_base, quantize_base, speed_up_training
 
 
 def loss_and_grads(tiny, precision, checkpointing=(False, None), compile=False, memory_budget=None):
@@ -14,7 +14,8 @@ def loss_and_grads(tiny, precision, checkpointing=(False, None), compile=False, 
     transformer = load_transformer(model, torch.float32, torch.device("cpu"))
     checkpoint_blocks(transformer, *checkpointing)
     params = add_lora(transformer, LoraConfig(rank=4), seed=0)
-    quantize_base(transformer, precision)  # after the adapter, as the training worker does
+    place_base(transformer, precision, torch.device("cpu"))  # after the adapter, as the training worker does
+    quantize_base(transformer, precision)
     # aot_eager: dynamo + AOT autograd's graph capture without generating kernels (fast on a CPU)
     speed_up_training(transformer, "sdpa", compile=compile, backend="aot_eager", memory_budget=memory_budget)
     with torch.no_grad():
@@ -50,17 +51,39 @@ def test_lora_covers_the_official_targets_only(tiny):
 def test_fp8_matmul_base_trains_the_lora(tiny):
     """fp8 matmuls on the frozen base: the LoRA trains through Float8FrozenLinear base layers, with the loss and
     the gradients' directions close to the full-precision base's."""
-    from longcat_ray.model.fp8 import Float8FrozenLinear
+    from longcat_ray.model.fp8 import Float8FrozenLinear, Int8RowwiseFrozenLinear
 
     _, ref_params, reference = loss_and_grads(tiny, "no_change")
     transformer, params, loss = loss_and_grads(tiny, "fp8-matmul")
     assert isinstance(transformer.transformer_blocks[0].attn.to_q.base_layer, Float8FrozenLinear)
-    assert isinstance(transformer.transformer_blocks[0].norm1.linear, torch.nn.Linear)  # modulation stays
-    assert not any("weight_fp8" in k for k in transformer.state_dict())  # checkpoints hold no base weights
+    modulation = [transformer.transformer_blocks[0].norm1.linear, transformer.single_transformer_blocks[0].norm.linear,
+                  transformer.norm_out.linear, transformer.time_embed.timestep_embedder.linear_2]
+    assert all(type(m) is Int8RowwiseFrozenLinear for m in modulation)  # one input row: int8, not fp8 matmuls
+    assert not any("weight_fp8" in k or "weight_int8" in k for k in transformer.state_dict())  # no base weights
     assert loss == pytest.approx(reference, rel=0.05)
     for mine, plain in zip(params, ref_params):
         cosine = torch.nn.functional.cosine_similarity(mine.grad.flatten(), plain.grad.flatten(), dim=0)
         assert cosine > 0.98  # e4m3 forward, e5m2 gradients: the directions agree closely
+
+
+def test_int8_rowwise_linear_stays_within_its_rounding():
+    """The modulation linears' int8 storage: each weight within half a step of its row's scale, so the output is
+    within that bound times the input's L1 norm; the input's gradient flows; no weight is kept in bf16 or trained."""
+    from longcat_ray.model.fp8 import Int8RowwiseFrozenLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96).requires_grad_(False)
+    with torch.no_grad():
+        linear.weight[3] *= 50  # rows of very different ranges: one scale per row keeps each one's precision
+    int8 = Int8RowwiseFrozenLinear(linear)
+    x = torch.randn(2, 256, requires_grad=True)
+    bound = int8.weight_scale / 2 * x.detach().abs().sum(-1, keepdim=True)  # [2, 96]
+    error = (int8(x) - linear(x)).abs()
+    assert (error <= bound + 1e-5).all() and error.max() > 0
+    assert error[:, 3].max() > 10 * error[:, 0].max()  # the wide row rounds coarser, the others keep theirs
+    int8(x).sum().backward()
+    torch.testing.assert_close(x.grad, (int8.weight_int8.float() * int8.weight_scale[:, None]).sum(0).expand(2, -1))
+    assert int8.weight is None and not list(int8.parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
