@@ -162,6 +162,7 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
         "samples_per_s": round(1 / s, 3),
         "mfu_989": round(tflop / (s * gpus) / PEAK_TFLOPS, 3),
         "peak_gib": round(max(w["peak_gib"] for w in steady or windows), 2),
+        "resident_gib": round(windows[-1].get("resident_gib", float("nan")), 2),
         "setup_peak_gib": round(first["setup_peak_gib"], 2),
         "setup_s": round(first["setup_s"], 1),
         "warmup_s": round(first["setup_s"] + sum(w["step_time_s"] * w["window_steps"] for w in warm), 1),

@@ -482,6 +482,9 @@ class TrainingLoop:
             "setup_s": self.setup_s,
             "setup_peak_gib": self.setup_peak_gib,
             "peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0,
+            # between steps: the base, the LoRA with its gradients and optimizer state (peak - resident = one step's
+            # activations and temporaries)
+            "resident_gib": torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0,
         }
         self.window = Window()
         if self.rank == 0:  # every window, logged or closed by a checkpoint: the JSON log holds every step's loss
