@@ -84,9 +84,6 @@ def fits_float8(linear: torch.nn.Linear, min_features: int) -> bool:
     return rows % 16 == 0 and cols % 16 == 0 and min(rows, cols) >= min_features
 
 
-FEW_ROWS = 16  # inputs up to this many rows (a batch of modulation vectors) take the fused matrix-vector form
-
-
 class Int8RowwiseFrozenLinear(torch.nn.Linear):
     """A frozen nn.Linear stored as int8 with a float32 scale per output row: y = (x Q^T) * s + b, the product in
     the input's dtype (int8 values are exact in bf16), the scaling and bias in float32. Round-to-nearest: each
@@ -103,13 +100,7 @@ class Int8RowwiseFrozenLinear(torch.nn.Linear):
         self.weight = None  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * self.in_features:
-            # one fused reduction that reads the int8 weight itself: no bf16 copy of it (108 MiB for a double
-            # block's modulation) and one kernel instead of a cast and a matmul; exact products, float32 sums
-            product = (x.float().unsqueeze(-2) * self.weight_int8.float()).sum(-1)  # [..., 1, in] * [out, in] -> [..., out]
-        else:
-            product = torch.nn.functional.linear(x, self.weight_int8.to(x.dtype)).float()  # [..., out]
-        out = product * self.weight_scale
+        out = torch.nn.functional.linear(x, self.weight_int8.to(x.dtype)).float() * self.weight_scale  # [..., out]
         return (out if self.bias is None else out + self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -84,12 +84,6 @@ def test_int8_rowwise_linear_stays_within_its_rounding():
     int8(x).sum().backward()
     torch.testing.assert_close(x.grad, (int8.weight_int8.float() * int8.weight_scale[:, None]).sum(0).expand(2, -1))
     assert int8.weight is None and not list(int8.parameters())
-    # compiled, a few rows take the fused matrix-vector form (no bf16 copy of the weight): the same values
-    graphs = []
-    compiled = torch.compile(int8, fullgraph=True, backend=lambda gm, inputs: graphs.append(gm.graph) or gm.forward)
-    torch.testing.assert_close(compiled(x), int8(x), rtol=1e-5, atol=1e-5)
-    targets = {str(node.target) for node in graphs[0].nodes}
-    assert not any("linear" in t for t in targets) and any("sum" in t for t in targets), targets
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
