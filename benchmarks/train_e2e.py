@@ -51,11 +51,13 @@ ROWS: dict[str, dict] = {
                        "gradient_checkpointing": True, "gradient_checkpointing_interval": 2},
     "fast_fp8_ckpt3": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
                        "gradient_checkpointing": True, "gradient_checkpointing_interval": 3},
-    # the compiler picks what to recompute (activation_memory_budget; the `*_ckpt` rows above get its 0.1 default)
+    # the compiler picks what to recompute (activation_memory_budget; the `*_ckpt` rows above get its default, 0)
     "fast_fp8_b5": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
                     "activation_memory_budget": 0.5},
     "fast_fp8_b3": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
                     "activation_memory_budget": 0.3},
+    "fast_fp8_b1": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
+                    "activation_memory_budget": 0.1},
     "fast_fp8_b0": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
                     "activation_memory_budget": 0.0},
     "int8_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "int8-torchao", "gradient_checkpointing": True},

@@ -287,9 +287,10 @@ def checkpointing(train, budget: float | None) -> str:
 
 
 # Under compile, `gradient_checkpointing` alone means the compiler's recomputation at this budget: on an H200 (fp8
-# base, 768², through `longcat-ray train`) 0.2554 s/sample at 10.3 GiB; whole-block checkpointing under compile was
-# measured only in a plain-loop probe (bf16 base): 0.311 s at 13.6 GiB (benchmarks/RESULTS.md)
-CHECKPOINTING_BUDGET = 0.1
+# base, 768², through `longcat-ray train`, one machine) 0 -> 0.2774 s/sample at 8.16 GiB, 0.1 -> 0.2746 s at 9.18 GiB:
+# who turns checkpointing on wants the memory. Whole-block checkpointing under compile was measured only in a
+# plain-loop probe (bf16 base): 0.311 s at 13.6 GiB (benchmarks/RESULTS.md)
+CHECKPOINTING_BUDGET = 0.0
 
 
 def recompute_budget(train) -> float | None:

@@ -122,7 +122,7 @@ def test_the_compilers_recomputation_keeps_the_maths_in_less_memory(tiny, monkey
     monkeypatch.setattr(functorch, "activation_memory_budget", functorch.activation_memory_budget)  # restored after
     _, plain, reference = loss_and_grads(tiny, "no_change")
     kept = []
-    for budget in (1.0, 0.1):
+    for budget in (1.0, 0.0):
         torch._dynamo.reset()  # each budget partitions its own graphs
         transformer, params, loss = loss_and_grads(tiny, "no_change", compile=True, memory_budget=budget)
         kept.append(transformer.saved_bytes)
