@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,3 +77,18 @@ def local_cluster(head_cpus: int, node_cpus: tuple[int, ...] = ()) -> Iterator[d
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def submit_job(cluster: dict, script: str, *args: str) -> tuple[str, str]:
+    """The README's `ray job submit ... -- python jobs/SCRIPT ARGS`, waited for -> (its `ray job status` text, its log)."""
+    job_id = f"test-{script.removesuffix('.py')}-{secrets.token_hex(3)}"
+    command = [RAY, "job", "submit", "--address", cluster["address"], "--submission-id", job_id, "--working-dir", ".",
+               "--runtime-env", "jobs/runtime_env.yaml", "--", "python", f"jobs/{script}", *args]
+    for _ in range(10):  # a fresh head's job agent takes a few seconds to register
+        result = subprocess.run(command, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in result.stderr:
+            break
+        time.sleep(2)
+    status = run([RAY, "job", "status", "--address", cluster["address"], job_id], cluster["env"])
+    logs = run([RAY, "job", "logs", "--address", cluster["address"], job_id], cluster["env"]).stdout
+    return status.stdout + status.stderr, logs  # Ray's CLI logger writes to stderr

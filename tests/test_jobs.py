@@ -3,14 +3,11 @@ loopback): the tiny cache, train and validate jobs exactly as the README shows t
 workers placed on both nodes."""
 
 import json
-import secrets
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.ray_cluster import RAY, REPO, local_cluster, run
+from tests.ray_cluster import RAY, local_cluster, run, submit_job
 pytestmark = pytest.mark.slow
 
 
@@ -33,19 +30,8 @@ def job_config(tiny_root: Path) -> Path:
 
 def submit(cluster: dict, script: str, *args: str) -> str:
     """The README's command; returns the job's log after checking it SUCCEEDED."""
-    job_id = f"test-{script.removesuffix('.py')}-{secrets.token_hex(3)}"
-    command = [RAY, "job", "submit", "--address", cluster["address"], "--submission-id", job_id, "--working-dir", ".",
-               "--runtime-env", "jobs/runtime_env.yaml", "--", "python", f"jobs/{script}", *args]
-    for _ in range(10):  # a fresh head's job agent takes a few seconds to register
-        result = subprocess.run(command, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in result.stderr:
-            break
-        time.sleep(2)
-    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    status = run([RAY, "job", "status", "--address", cluster["address"], job_id], cluster["env"])
-    status = status.stdout + status.stderr  # Ray's CLI logger writes to stderr
-    logs = run([RAY, "job", "logs", "--address", cluster["address"], job_id], cluster["env"]).stdout
-    assert f"Job '{job_id}' succeeded" in status, f"{status}\n{logs[-4000:]}"
+    status, logs = submit_job(cluster, script, *args)
+    assert "succeeded" in status, f"{status}\n{logs[-4000:]}"
     return logs
 
 

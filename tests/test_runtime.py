@@ -2,13 +2,16 @@
 is small: each ends in a working run or one clear line, never a traceback or a silent wait."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.ray_cluster import REPO, free_port, local_cluster
+from tests.ray_cluster import REPO, free_port, local_cluster, submit_job
 
 CLI = str(Path(sys.executable).parent / "longcat-ray")
 
@@ -45,7 +48,7 @@ def short_config(tiny_root: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_commands_join_a_running_head_and_plan_for_its_cpus(two_cpu_head, tmp_path):
     """On a 2-CPU head, two CPU training workers would hold both CPUs and starve their Ray Data readers (a hang
-    before): `train` is refused at once with the fix named; with one worker (its bundle holds its reader's CPU)
+    before): `train` is refused at once with the fix named, from the CLI and as a `ray job submit` job; with one worker (its bundle holds its reader's CPU)
     it trains. Every command joins the running cluster instead of failing on it."""
     from longcat_ray.tiny import make_tiny
 
@@ -60,6 +63,39 @@ def test_commands_join_a_running_head_and_plan_for_its_cpus(two_cpu_head, tmp_pa
     assert refused.returncode == 3, refused.stderr[-3000:]
     assert "CPU 4 needed, 2 in the cluster" in refused.stderr and "--workers" in refused.stderr
     assert "Traceback" not in refused.stderr
+    status, logs = submit_job(two_cpu_head, "train.py", "--config", str(config))  # the same plan as a Ray job
+    assert "failed" in status and "CPU 4 needed, 2 in the cluster" in logs and "Traceback" not in logs, f"{status}\n{logs}"
     trained = cli(["train", "--config", str(config), "--workers", "1"], env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "trained 2 steps" in trained.stdout
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+    """Polls GET url until it answers 200; fails if the server exits first or `timeout` passes (a hang guard)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise AssertionError(f"{url} never answered (server exit code {server.poll()})")
+
+
+@pytest.mark.slow
+def test_serve_joins_a_running_head(two_cpu_head, tiny):
+    """The first thing issue 16 saw: `longcat-ray serve` beside a running `ray start --head` died with "num_cpus and
+    num_gpus must not be provided". Now it deploys on that cluster, answers, and stops cleanly on SIGTERM."""
+    port = free_port()
+    env = {**two_cpu_head["env"], "RAY_ADDRESS": two_cpu_head["gcs"]}
+    server = subprocess.Popen([CLI, "serve", "--model", str(tiny.model), "--port", str(port)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", server, timeout=600)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=180)
+    assert server.returncode == 0, err[-3000:]
+    assert "ray: joined the running cluster at " in err and "(2 CPUs, 0 GPUs)" in err, err[-3000:]
+    assert f"serving {tiny.model} at http://127.0.0.1:{port}/" in out
