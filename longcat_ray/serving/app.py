@@ -12,6 +12,7 @@ Bad input is answered by the ingress with a 4xx naming the field and never reach
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 import asyncio
+import dataclasses
 import hashlib
 import io
 import secrets
@@ -22,6 +23,9 @@ from importlib import resources
 from itertools import groupby
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
@@ -29,6 +33,7 @@ from ray import serve
 
 from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
 from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
+from longcat_ray.serving import openai_compat as oai
 from longcat_ray.serving.config import ServeConfig
 from longcat_ray.serving.uploads import RequestError, build_request, check_range, decode_upload
 
@@ -163,10 +168,33 @@ api = FastAPI(
 bearer = HTTPBearer(auto_error=False)
 
 
-@api.exception_handler(RequestError)
-async def request_error(_: Request, err: RequestError) -> JSONResponse:
+def error_response(request: Request, err: RequestError) -> JSONResponse:
+    """A bad request in the route's own shape: OpenAI's error object on its routes, FastAPI's `detail` elsewhere."""
+    if oai.is_openai_path(request.url.path):
+        return JSONResponse(oai.error_body(err.status, err.message, err.field), status_code=err.status)
     detail = [{"loc": ["body", err.field], "msg": err.message, "type": "request_error"}]
     return JSONResponse({"detail": detail}, status_code=err.status)
+
+
+@api.exception_handler(RequestError)
+async def request_error(request: Request, err: RequestError) -> JSONResponse:
+    return error_response(request, err)
+
+
+@api.exception_handler(StarletteHTTPException)  # also FastAPI's, and the router's 404/405
+async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+    if not oai.is_openai_path(request.url.path):
+        return await http_exception_handler(request, err)
+    return JSONResponse(oai.error_body(err.status_code, str(err.detail)), status_code=err.status_code, headers=err.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, err: RequestValidationError) -> Response:
+    """A missing or mistyped form field (FastAPI's own check)."""
+    if not oai.is_openai_path(request.url.path):
+        return await request_validation_exception_handler(request, err)
+    first = err.errors()[0]
+    return error_response(request, RequestError(422, str(first["loc"][-1]), first["msg"]))
 
 
 @api.middleware("http")
@@ -175,9 +203,7 @@ async def limit_body(request: Request, call_next):
     limit = getattr(api.state, "max_body", None)
     length = request.headers.get("content-length")
     if limit and length and length.isdigit() and int(length) > limit:
-        detail = [{"loc": ["body", "image"], "msg": f"request body of {length} bytes is over the limit of {limit}",
-                   "type": "request_error"}]
-        return JSONResponse({"detail": detail}, status_code=413)
+        return error_response(request, RequestError(413, "image", f"request body of {length} bytes is over the limit of {limit}"))
     return await call_next(request)
 
 
@@ -231,19 +257,71 @@ class Ingress:
     ) -> Response:
         """Edit `image` by `prompt`; returns the PNG (headers: X-Seed, X-Lora, X-Batch-Size, X-Edit-Seconds)."""
         self.authorize(credentials)
-        check_range("lora_scale", lora_scale, 0, 2)
-        lora = lora or None
-        lora_url = find_lora(self.config.lora_root, lora, self.config.lora_storage_options) if lora else None
         seed = secrets.randbelow(2**31) if seed is None else seed
-        source = decode_upload(await image.read(self.config.max_upload_bytes + 1), self.config)
-        request = build_request(source, self.config, prompt=prompt, negative_prompt=negative_prompt,
-                                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                width=width, height=height, seed=seed)
-        job = EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_scale=lora_scale)
+        job = await self.make_job(image, lora or None, lora_scale, prompt=prompt, negative_prompt=negative_prompt,
+                                  guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, width=width,
+                                  height=height, seed=seed)
         result = await self.run(job)
         headers = {"X-Seed": str(seed), "X-Lora": lora or "", "X-Batch-Size": str(result.batch_size),
                    "X-Edit-Seconds": f"{result.seconds:.3f}"}
         return Response(result.png, media_type="image/png", headers=headers)
+
+    async def make_job(self, image: UploadFile, lora: str | None, lora_scale: float, **fields) -> EditJob:
+        """An upload and form fields -> the checked job (RequestError naming the first bad field)."""
+        check_range("lora_scale", lora_scale, 0, 2)
+        lora_url = find_lora(self.config.lora_root, lora, self.config.lora_storage_options) if lora else None
+        source = decode_upload(await image.read(self.config.max_upload_bytes + 1), self.config)
+        request = build_request(source, self.config, **fields)
+        return EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_scale=lora_scale)
+
+    @api.get("/v1/models")
+    def models(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """OpenAI's model list: `longcat-image-edit` (the base) and every adapter id (use one as `model`)."""
+        self.authorize(credentials)
+        return oai.model_list(list_loras(self.config.lora_root, self.config.lora_storage_options))
+
+    @api.post("/v1/images/edits")
+    async def images_edits(
+        self,
+        prompt: str = Form(..., description="the edit instruction"),
+        image: list[UploadFile] | None = File(None, description="the source image (one)"),
+        image_list: list[UploadFile] | None = File(None, alias="image[]", description="the source image, as `image[]`"),
+        mask: UploadFile | None = File(None, description="not supported (400)"),
+        model: str | None = Form(None, description=f"an adapter id from GET /v1/models, or {oai.BASE_MODEL!r}"),
+        n: int = Form(1, description=f"images to make, 1-{oai.MAX_N}, with seeds seed, seed+1, ..."),
+        size: str | None = Form(None, description="WIDTHxHEIGHT on the 16-px grid, or auto (the source's aspect)"),
+        response_format: str | None = Form(None, description="b64_json (url: 400, no result store)"),
+        output_format: str | None = Form(None, description="png (default), jpeg or webp"),
+        output_compression: int | None = Form(None, description="JPEG/WebP quality 0-100"),
+        background: str | None = Form(None, description="auto or opaque (transparent: 400)"),
+        stream: bool | None = Form(None, description="not supported (400)"),
+        negative_prompt: str = Form("", description="extra: what to steer away from"),
+        seed: int | None = Form(None, description="extra: the first image's seed"),
+        num_inference_steps: int | None = Form(None, description="extra: denoising steps"),
+        guidance_scale: float | None = Form(None, description="extra: CFG scale"),
+        lora_scale: float = Form(1.0, description="extra: adapter strength, 0..2"),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> dict:
+        """OpenAI's image edit (the `openai` client's `images.edit`): JSON with `data[].b64_json`, errors as
+        `{"error": {...}}`."""
+        self.authorize(credentials)
+        uploads = [*(image or []), *(image_list or [])]
+        oai.check_supported(images=len(uploads), n=n, response_format=response_format, output_format=output_format,
+                            mask=mask is not None, stream=stream, background=background)
+        if output_compression is not None:
+            check_range("output_compression", output_compression, 0, 100)
+        width, height = oai.parse_size(size)
+        used = oai.seeds(seed, n)
+        try:
+            job = await self.make_job(uploads[0], oai.adapter_of(model), lora_scale, prompt=prompt,
+                                      negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                      num_inference_steps=num_inference_steps, width=width, height=height, seed=used[0])
+        except RequestError as err:  # the adapter is OpenAI's `model`
+            raise RequestError(err.status, "model", err.message) if err.field == "lora" else err from None
+        jobs = [dataclasses.replace(job, request=dataclasses.replace(job.request, seed=s)) for s in used]
+        results = await asyncio.gather(*(self.run(j) for j in jobs))  # one denoising batch when they fit
+        images = [oai.encode(r.png, output_format, output_compression) for r in results]
+        return oai.images_response(images, used, job.request.width, job.request.height, output_format)
 
     async def run(self, job: EditJob) -> EditResult:
         from longcat_ray.inference import LoraError

@@ -1,6 +1,7 @@
 """The Serve app on a real `serve.run` on 127.0.0.1 with the tiny model: edits, LoRAs per request, the
 bad-input battery, concurrency and batching, the page in headless Chromium."""
 
+import base64
 import io
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -181,3 +182,64 @@ def test_page_in_headless_chromium(server, tiny, tmp_path):
         page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
         assert "num_inference_steps" in page.inner_text("#error")
         browser.close()
+
+
+def openai_client(server: str, token: str = TOKEN):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def decoded(item) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item.b64_json))).convert("RGB"), np.float32)
+
+
+def test_the_openai_client_edits_with_the_base_or_a_lora(server, tiny):
+    """The official `openai` package against /v1/images/edits: the same pixels as /v1/edit for the same request,
+    `n` images from consecutive seeds in one call, `model` picking the adapter, /v1/models listing them."""
+    client, source = openai_client(server), png_bytes(reference_image(tiny))
+    extras = {"seed": 3, "num_inference_steps": 2}
+    ask = dict(image=("source.png", source, "image/png"), prompt="swap the red and blue colours", size="64x48",
+               extra_body=extras)
+    one = client.images.edit(**ask)
+    assert one.size == "64x48" and one.output_format == "png" and [d.seed for d in one.data] == [3]
+    assert np.abs(decoded(one.data[0]) - pixels(post_edit(server, source))).max() <= 1
+    two = client.images.edit(**{**ask, "image": [("source.png", source, "image/png")]}, n=2, model="style0")  # as image[]
+    assert [d.seed for d in two.data] == [3, 4]
+    style0 = pixels(post_edit(server, source, lora="style0"))
+    assert np.abs(decoded(two.data[0]) - style0).max() <= 1 and np.abs(decoded(two.data[1]) - style0).max() > 10
+    jpeg = client.images.edit(**ask, output_format="jpeg", output_compression=95)
+    assert Image.open(io.BytesIO(base64.b64decode(jpeg.data[0].b64_json))).format == "JPEG"
+    assert [m.id for m in client.models.list()] == ["longcat-image-edit", "misfit", "official", "style0", "style1"]
+
+
+def test_the_openai_client_raises_its_matching_error_naming_the_param(server, tiny):
+    import openai
+
+    client, source = openai_client(server), png_bytes(reference_image(tiny))
+    image = ("source.png", source, "image/png")
+    cases = [
+        ("wrong token", openai_client(server, "nope"), {}, openai.AuthenticationError, None),
+        ("unknown model", client, {"model": "nope"}, openai.NotFoundError, "model"),
+        ("a path as model", client, {"model": "../style0"}, openai.BadRequestError, "model"),
+        ("n over 4", client, {"n": 5}, openai.UnprocessableEntityError, "n"),
+        ("size off the grid", client, {"size": "100x48"}, openai.UnprocessableEntityError, "width"),
+        ("size not WxH", client, {"size": "big"}, openai.UnprocessableEntityError, "size"),
+        ("url results", client, {"response_format": "url"}, openai.BadRequestError, "response_format"),
+        ("a mask", client, {"mask": image}, openai.BadRequestError, "mask"),
+        ("two images", client, {"image": [image, image]}, openai.BadRequestError, "image"),
+        ("not an image", client, {"image": ("x.pdf", b"%PDF-1.4", "application/pdf")}, openai.UnprocessableEntityError, "image"),
+        ("empty prompt", client, {"prompt": " "}, openai.UnprocessableEntityError, "prompt"),
+        ("gif output", client, {"output_format": "gif"}, openai.BadRequestError, "output_format"),
+        ("steps over max", client, {"extra_body": {"num_inference_steps": 9}}, openai.UnprocessableEntityError, "num_inference_steps"),
+    ]
+    wrong = []
+    for what, who, kwargs, error, param in cases:
+        try:
+            who.images.edit(**{"image": image, "prompt": "swap the colours", "size": "64x48", **kwargs})
+            wrong.append(f"{what}: no error")
+        except openai.APIStatusError as err:
+            body = err.body if isinstance(err.body, dict) else {}
+            if type(err) is not error or body.get("param") != param or not body.get("message"):
+                wrong.append(f"{what}: {type(err).__name__} {err.status_code} {body}")
+    assert not wrong, "\n".join(wrong)
