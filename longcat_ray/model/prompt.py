@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import split_quotation
 from PIL import Image
 
 from longcat_ray.buckets import resize_image
@@ -48,6 +47,10 @@ def vl_image(reference: Image.Image, width: int, height: int) -> Image.Image:
 
 def tokenize_instruction(tokenizer, instruction: str) -> list[int]:
     """Instruction -> token ids; quoted spans are tokenised character by character (LongCat's rule)."""
+    # imported here: the pipeline module pulls in diffusers and transformers (~3-6 s on a 2-core machine), which
+    # every Ray worker that reads or checks the cache would pay for nothing
+    from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import split_quotation
+
     ids: list[int] = []
     for text, quoted in split_quotation(instruction):
         pieces = list(text) if quoted else [text]
