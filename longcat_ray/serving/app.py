@@ -94,6 +94,7 @@ class EditModel:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras_per_replica)(load)
         self.run_batch.set_max_batch_size(config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.warmup = warm_up(self.editor.pipe, config)  # before __init__ returns: Serve routes nothing here yet
 
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args)
@@ -151,7 +152,24 @@ class EditModel:
     def info(self) -> dict:
         pipe = self.editor.pipe
         return {"model": self.config.model, "device": str(pipe.device), "dtype": str(pipe.transformer.dtype),
-                "loaded_loras": len(self.editor.loras)}
+                "loaded_loras": len(self.editor.loras), "warmup": self.warmup}
+
+
+WARMUP_STEPS = 2  # compiles happen in the first step; a second one shows the steady path runs
+
+
+def warm_up(pipe, config: ServeConfig) -> dict:
+    """One edit per warm-up size at a batch of one and of `max_batch_size` (a grey source, the default guidance):
+    what compiles, compiles here. -> what was warmed and how long it took."""
+    start = time.perf_counter()
+    shapes, batches = config.warmup_shapes(), sorted({1, config.max_batch_size})
+    for width, height in shapes:
+        source = Image.new("RGB", (width, height), (128, 128, 128))
+        for batch in batches:
+            request = EditRequest(prompt="warm-up", width=width, height=height, steps=WARMUP_STEPS,
+                                  guidance=config.default_guidance)
+            edit_images(pipe, [source] * batch, [request] * batch)
+    return {"sizes": [f"{w}x{h}" for w, h in shapes], "batch_sizes": batches, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def to_png(image: Image.Image) -> bytes:

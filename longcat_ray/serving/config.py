@@ -53,6 +53,10 @@ class ServeConfig(Section):
     H100-class cards, an approximation of bf16."""
     compile: bool = False
     """GPU only: torch.compile the repeated DiT blocks (each new size/batch shape compiles once, ~a minute)."""
+    warmup_sizes: list[str] | None = None
+    """Output sizes (`WxH`, 16-px grid) each replica edits before it reports ready, at a batch of one and of
+    `max_batch_size`, 2 steps, the default guidance: Serve routes nothing to a replica until then, so with `compile`
+    no request waits for a compile of those sizes. Null: the square of `default_area`; []: no warm-up."""
     api_token: str | None = None
     """Bearer token for /v1/*; None reads the LONGCAT_RAY_API_TOKEN environment variable; unset = no auth."""
 
@@ -62,7 +66,20 @@ class ServeConfig(Section):
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps {self.default_steps} > max_steps {self.max_steps}")
+        for size in self.warmup_sizes or []:
+            width, sep, height = size.lower().partition("x")
+            sides = (int(width), int(height)) if sep and width.isdigit() and height.isdigit() else None
+            if not sides or any(s % SIZE_GRID or not SIZE_GRID <= s <= self.max_side for s in sides):
+                raise ValueError(f"warmup_sizes: {size!r} is not WIDTHxHEIGHT with sides on the {SIZE_GRID}-px grid "
+                                 f"up to max_side {self.max_side} (e.g. 768x768)")
         return self
+
+    def warmup_shapes(self) -> list[tuple[int, int]]:
+        """`warmup_sizes` as (width, height); null -> the square of default_area on the grid."""
+        if self.warmup_sizes is None:
+            side = max(SIZE_GRID, round(self.default_area**0.5 / SIZE_GRID) * SIZE_GRID)
+            return [(min(side, self.max_side - self.max_side % SIZE_GRID),) * 2]
+        return [tuple(int(s) for s in size.lower().split("x")) for size in self.warmup_sizes]
 
     def token(self) -> str | None:
         return self.api_token or os.environ.get(TOKEN_ENV) or None

@@ -140,6 +140,9 @@ def test_16_concurrent_requests_are_batched(server, tiny):
 def test_health_loras_and_docs(server):
     health = requests.get(f"{server}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["auth"] is True and health["device"] == "cpu"
+    # the replica edited the default size at batches of 1 and 4 before it took a request
+    warmup = health["warmup"]
+    assert warmup["sizes"] == ["64x64"] and warmup["batch_sizes"] == [1, 4] and warmup["seconds"] > 0, warmup
     assert requests.get(f"{server}/v1/loras", timeout=30).status_code == 401
     loras = requests.get(f"{server}/v1/loras", headers=AUTH, timeout=30).json()["loras"]
     assert [entry["id"] for entry in loras] == ["lokr", "misfit", "official", "style0", "style1"]

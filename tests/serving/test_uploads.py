@@ -82,3 +82,20 @@ def test_adapters_under_the_root(tiny_loras):
         with pytest.raises(RequestError) as err:
             find_lora(str(tiny_loras), missing, {})
         assert err.value.status == 404
+
+
+@pytest.mark.parametrize("sizes,expected", [
+    (None, [(512, 512)]),  # the square of default_area, capped at max_side
+    ([], []),
+    (["768x512", "64X64"], "max_side"),
+    (["100x64"], "16-px grid"),
+    (["768"], "WIDTHxHEIGHT"),
+])
+def test_warmup_sizes(sizes, expected):
+    from pydantic import ValidationError
+
+    if isinstance(expected, str):
+        with pytest.raises(ValidationError, match=expected):
+            ServeConfig(model="m", max_side=512, warmup_sizes=sizes)
+        return
+    assert ServeConfig(model="m", max_side=512, warmup_sizes=sizes).warmup_shapes() == expected
