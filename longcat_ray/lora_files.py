@@ -140,14 +140,31 @@ def read_header(handle) -> tuple[list[str], dict[str, str]]:
 
 
 def describe(fs, path: str) -> dict[str, Any]:
-    """{"layout"} of the LoRA at `path` on `fs` from its header, or {"error"}: what /v1/loras shows, without
-    loading the weights (whether it fits the served model shows when a request loads it)."""
+    """{"layout", and what is known of "rank", "alpha", "steps", "base_model"} of the LoRA at `path` on `fs` from
+    its header (and a PEFT folder's adapter_config.json), or {"error"}: what /v1/loras shows, without loading the
+    weights (whether it fits the served model shows when a request loads it)."""
     try:
         with fs.open(path, "rb") as handle:
-            keys, _ = read_header(handle)
-        return {"layout": check_keys(path, keys)}
+            keys, metadata = read_header(handle)
+        return {"layout": check_keys(path, keys), **training_facts(fs, path, metadata)}
     except (LoraError, ValueError, OSError) as err:
         return {"error": str(err)}
+
+
+def training_facts(fs, path: str, metadata: dict[str, str]) -> dict[str, Any]:
+    """Rank, alpha, steps and base model from our export's `longcat_ray` metadata, diffusers' LoraConfig metadata
+    or the adapter_config.json beside a PEFT file; only what one of them states."""
+    try:  # facts only: a file whose metadata cannot be read still loads
+        ours, config = json.loads(metadata.get("longcat_ray") or "{}"), peft_metadata(metadata) or {}
+    except ValueError:
+        ours, config = {}, {}
+    beside = f"{path.rsplit('/', 1)[0]}/{PEFT_CONFIG}" if path.endswith(PEFT_WEIGHTS) else None
+    if not config and beside and fs.isfile(beside):
+        with fs.open(beside, "rb") as handle:
+            config = json.load(handle)
+    facts = {"rank": ours.get("rank", config.get("r")), "alpha": ours.get("alpha", config.get("lora_alpha")),
+             "steps": ours.get("steps"), "base_model": ours.get("base_model", config.get("base_model_name_or_path"))}
+    return {key: value for key, value in facts.items() if value is not None}
 
 
 def module_key(key: str, dotted: dict[str, str]) -> str:

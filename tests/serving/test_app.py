@@ -137,7 +137,7 @@ def test_16_concurrent_requests_are_batched(server, tiny):
     assert np.abs(pixels(responses[5]) - single).max() <= 1
 
 
-def test_health_loras_and_docs(server):
+def test_health_loras_and_docs(server, tiny):
     health = requests.get(f"{server}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["auth"] is True and health["device"] == "cpu"
     # the replica edited the default size at batches of 1 and 4 before it took a request
@@ -146,6 +146,9 @@ def test_health_loras_and_docs(server):
     assert requests.get(f"{server}/v1/loras", timeout=30).status_code == 401
     loras = requests.get(f"{server}/v1/loras", headers=AUTH, timeout=30).json()["loras"]
     assert [entry["id"] for entry in loras] == ["lokr", "misfit", "official", "style0", "style1"]
+    facts = {entry["id"]: {k: entry.get(k) for k in ("rank", "alpha", "base_model")} for entry in loras}
+    assert facts["style0"] == facts["style1"] == {"rank": 4, "alpha": 4, "base_model": str(tiny.model)}  # our export
+    assert facts["official"] == {"rank": 4, "alpha": 8, "base_model": str(tiny.model)}  # its adapter_config.json
     assert [entry["id"] for entry in loras if "error" in entry] == ["lokr"]  # listed with the reason it cannot load
     schema = requests.get(f"{server}/openapi.json", timeout=30).json()
     assert {"image", "prompt", "lora", "seed"} <= set(
@@ -155,10 +158,12 @@ def test_health_loras_and_docs(server):
 
 
 def test_page_in_headless_chromium(server, tiny, tmp_path):
+    """The page as a user evaluating a LoRA drives it: a dropped source previews, the picker shows each adapter's
+    rank and alpha, an edit lands in the history with its parameters and a download link, a comparison edits the
+    same source and seed under the base model and a LoRA side by side, a bad field shows the server's message."""
     from playwright.sync_api import sync_playwright
 
-    source = tmp_path / "source.png"
-    reference_image(tiny).save(source)
+    source = png_bytes(reference_image(tiny))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -168,16 +173,38 @@ def test_page_in_headless_chromium(server, tiny, tmp_path):
         page.fill("#token", TOKEN)
         page.dispatch_event("#token", "change")  # stores the token and reloads the LoRA list with it
         page.wait_for_selector("#lora option[value=style0]", state="attached", timeout=30_000)
-        page.set_input_files("#image", str(source))
+        assert page.inner_text("#lora option[value=style0]") == "style0  r4 α4"
+        assert page.inner_text("#lora option[value=official]") == "official  r4 α8"
+        assert page.eval_on_selector("#lora option[value=lokr]", "o => o.disabled")
+        drop = page.evaluate_handle("""bytes => {
+            const data = new DataTransfer();
+            data.items.add(new File([Uint8Array.from(atob(bytes), c => c.charCodeAt(0))], "source.png", {type: "image/png"}));
+            return data; }""", base64.b64encode(source).decode())
+        page.dispatch_event("#drop", "drop", {"dataTransfer": drop})
+        page.wait_for_function("document.getElementById('source').naturalWidth > 0", timeout=10_000)
+        assert page.eval_on_selector("#image", "input => input.files.length") == 1
         page.fill("#prompt", "swap the red and blue colours")
         page.select_option("#lora", "style0")
-        page.fill("#num_inference_steps", "2")
-        page.fill("#width", "64")
-        page.fill("#height", "48")
+        assert page.inner_text("#lora-facts").startswith("r4 α4 · base ")
+        for field, value in (("#num_inference_steps", "2"), ("#width", "64"), ("#height", "48")):
+            page.fill(field, value)
         page.click("#submit")
-        page.wait_for_function("document.getElementById('result').naturalWidth > 0", timeout=60_000)
-        assert page.eval_on_selector("#result", "img => [img.naturalWidth, img.naturalHeight]") == [64, 48]
-        assert page.eval_on_selector("#source", "img => img.naturalWidth") > 0
+        page.wait_for_function("[...document.querySelectorAll('#history img')].some(i => i.naturalWidth > 0)", timeout=60_000)
+        assert page.eval_on_selector("#history img", "img => [img.naturalWidth, img.naturalHeight]") == [64, 48]
+        caption = page.inner_text("#history figcaption")
+        assert "style0 ×1" in caption and "2 steps" in caption and "64×48" in caption, caption
+        assert page.eval_on_selector("#history a", "a => a.download.endsWith('.png') && a.href.startsWith('blob:')")
+        page.fill("#seed", "7")
+        page.check(".compare[value=style1]")  # beside the base model, checked by default
+        page.click("#compare")
+        page.wait_for_function("""[...document.querySelectorAll('#comparison img')].filter(i => i.naturalWidth > 0)
+                                  .length === 2""", timeout=60_000)
+        names = page.eval_on_selector_all("#comparison figcaption b", "bs => bs.map(b => b.textContent)")
+        assert names == ["base model", "style1 ×1"], names
+        assert all("seed 7" in text for text in page.eval_on_selector_all("#comparison figcaption", "fs => fs.map(f => f.textContent)"))
+        assert page.eval_on_selector_all("#history .card", "cards => cards.length") == 3
+        shot = Image.open(io.BytesIO(page.screenshot(full_page=True)))
+        assert np.asarray(shot.convert("L"), np.float32).std() > 5  # something is drawn, not a blank page
         assert page.inner_text("#error") == ""
         page.fill("#num_inference_steps", "500")
         page.eval_on_selector("#num_inference_steps", "el => el.removeAttribute('max')")  # let the server judge it
