@@ -160,12 +160,15 @@ def decode_images(vae, latents: torch.Tensor, width: int, height: int) -> list[I
 
 
 @torch.no_grad()
-def edit_images(pipe, references: list[Image.Image], requests: list[EditRequest]) -> list[Image.Image]:
-    """Edit each reference by its request, in one batch; the requests must share one `batch_key`."""
+def edit_images(pipe, references: list[Image.Image], requests: list[EditRequest],
+                on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+    """Edit each reference by its request, in one batch; the requests must share one `batch_key`.
+    `on_step(steps done, steps in all)` is called after each denoising step if given."""
     if len({batch_key(r) for r in requests}) != 1:
         raise ValueError(f"one batch needs one size, step count and CFG on/off; got {sorted({batch_key(r) for r in requests})}")
     ref_latents, embeds, negative = encode_condition(pipe, references, requests)
-    latents = denoise(pipe.transformer, ref_latents, embeds, negative, requests)
+    preview = None if on_step is None else lambda step, _latents: on_step(step + 1, requests[0].steps)
+    latents = denoise(pipe.transformer, ref_latents, embeds, negative, requests, preview)
     return decode_images(pipe.vae, latents, requests[0].width, requests[0].height)
 
 

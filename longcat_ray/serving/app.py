@@ -49,6 +49,8 @@ class EditJob:
     lora: str | None = None
     lora_url: str | None = None
     lora_scale: float = 1.0
+    request_id: str | None = None
+    """The client's id for GET /v1/progress/{id}."""
 
     def group(self) -> tuple:
         return (self.lora or "", self.lora_scale, *batch_key(self.request))
@@ -75,13 +77,33 @@ class LoadedAdapter:
             self.model.submit(self.model.unload_adapter, self.name)
 
 
+class ProgressBoard:
+    """Steps done per client request id, pushed by the model replicas after each denoising step and read by the
+    ingress (one replica, no CPU: a dict). Entries older than PROGRESS_TTL_S are dropped."""
+
+    def __init__(self):
+        self.items: dict[str, tuple[int, int, float]] = {}
+
+    def update(self, ids: list[str], step: int, total: int) -> None:
+        now = time.monotonic()
+        self.items = {k: v for k, v in self.items.items() if now - v[2] < PROGRESS_TTL_S}
+        self.items.update({i: (step, total, now) for i in ids})
+
+    def get(self, request_id: str) -> dict | None:
+        item = self.items.get(request_id)
+        return None if item is None else {"id": request_id, "step": item[0], "total": item[1]}
+
+
+PROGRESS_TTL_S = 600
+
+
 class EditModel:
     """The pipeline on one device; every model call runs on one worker thread, in order."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, progress=None):
         import torch
 
-        self.config = config
+        self.config, self.progress = config, progress
         device = "cuda" if config.gpus() > 0 and torch.cuda.is_available() else "cpu"
         self.editor = Editor(load_pipeline(config.model, device=device))
         speed_up(self.editor.pipe, config.quantize, config.compile)
@@ -138,7 +160,11 @@ class EditModel:
 
     def edit_group(self, adapter: LoadedAdapter | None, jobs: list[EditJob]) -> list[Image.Image]:
         self.editor.use_loras({adapter.name: jobs[0].lora_scale} if adapter else {})
-        return edit_images(self.editor.pipe, [j.image for j in jobs], [j.request for j in jobs])
+        ids = [j.request_id for j in jobs if j.request_id]
+        report = None  # fire and forget: a step never waits for the board
+        if ids and self.progress is not None:
+            report = lambda step, total: self.progress.update.remote(ids, step, total)  # noqa: E731
+        return edit_images(self.editor.pipe, [j.image for j in jobs], [j.request for j in jobs], report)
 
     def note_fatal(self, err: Exception) -> None:
         """A CUDA error poisons the process: report unhealthy so Serve replaces the replica."""
@@ -170,6 +196,12 @@ def warm_up(pipe, config: ServeConfig) -> dict:
                                   guidance=config.default_guidance)
             edit_images(pipe, [source] * batch, [request] * batch)
     return {"sizes": [f"{w}x{h}" for w, h in shapes], "batch_sizes": batches, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def check_request_id(request_id: str) -> str:
+    if not (0 < len(request_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in request_id)):
+        raise RequestError(422, "request_id", "1-64 letters, digits, '-' or '_' (e.g. a UUID)")
+    return request_id
 
 
 def to_png(image: Image.Image) -> bytes:
@@ -227,8 +259,8 @@ async def limit_body(request: Request, call_next):
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, model, config: ServeConfig):
-        self.model, self.config, self.token = model, config, config.token()
+    def __init__(self, model, config: ServeConfig, progress=None):
+        self.model, self.config, self.token, self.progress = model, config, config.token(), progress
         # Multipart framing adds a little to the image itself.
         api.state.max_body = config.max_upload_bytes + 64 * 1024
 
@@ -271,6 +303,7 @@ class Ingress:
         seed: int | None = Form(None, description="noise seed (default: random; returned in X-Seed)"),
         lora: str | None = Form(None, description="adapter id from GET /v1/loras (default: the base model)"),
         lora_scale: float = Form(1.0, description="adapter strength, 0..2"),
+        request_id: str | None = Form(None, description="your id for this edit: GET /v1/progress/{id} reports its steps"),
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> Response:
         """Edit `image` by `prompt`; returns the PNG (headers: X-Seed, X-Lora, X-Batch-Size, X-Edit-Seconds)."""
@@ -279,6 +312,7 @@ class Ingress:
         job = await self.make_job(image, lora or None, lora_scale, prompt=prompt, negative_prompt=negative_prompt,
                                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, width=width,
                                   height=height, seed=seed)
+        job.request_id = check_request_id(request_id) if request_id else None
         result = await self.run(job)
         headers = {"X-Seed": str(seed), "X-Lora": lora or "", "X-Batch-Size": str(result.batch_size),
                    "X-Edit-Seconds": f"{result.seconds:.3f}"}
@@ -291,6 +325,16 @@ class Ingress:
         source = decode_upload(await image.read(self.config.max_upload_bytes + 1), self.config)
         request = build_request(source, self.config, **fields)
         return EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_scale=lora_scale)
+
+    @api.get("/v1/progress/{request_id}")
+    async def progress_of(self, request_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        """Denoising steps done for the edit sent with this `request_id` (404 until its first step, and after
+        ten minutes)."""
+        self.authorize(credentials)
+        found = await self.progress.get.remote(check_request_id(request_id)) if self.progress else None
+        if found is None:
+            raise HTTPException(404, f"no steps reported for request_id {request_id!r} (not started, or unknown)")
+        return found
 
     @api.get("/v1/models")
     def models(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
@@ -363,7 +407,9 @@ def build_app(config: ServeConfig):
         health_check_timeout_s=60,
     )
     ingress = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
-    return ingress.bind(model.bind(config), config)
+    progress = serve.deployment(ProgressBoard, name="Progress", ray_actor_options={"num_cpus": 0},
+                                max_ongoing_requests=1000).bind()
+    return ingress.bind(model.bind(config, progress), config, progress)
 
 
 def app(args: ServeConfig):

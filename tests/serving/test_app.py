@@ -214,6 +214,24 @@ def test_page_in_headless_chromium(server, tiny, tmp_path):
         browser.close()
 
 
+def test_an_edit_reports_its_steps(server, tiny):
+    """GET /v1/progress/{request_id}: the replica reports each denoising step of the edit sent with that id."""
+    import time
+
+    source = png_bytes(reference_image(tiny))
+    assert requests.get(f"{server}/v1/progress/not-sent", headers=AUTH, timeout=30).status_code == 404
+    refused = post_edit(server, source, request_id="no spaces allowed")
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "request_id"
+    assert pixels(post_edit(server, source, request_id="edit-1", num_inference_steps="8")).shape == (48, 64, 3)
+    for _ in range(50):  # the last step's report is sent without waiting; it lands within moments
+        report = requests.get(f"{server}/v1/progress/edit-1", headers=AUTH, timeout=30)
+        if report.status_code == 200 and report.json()["step"] == 8:
+            break
+        time.sleep(0.2)
+    assert report.json() == {"id": "edit-1", "step": 8, "total": 8}
+    assert requests.get(f"{server}/v1/progress/edit-1", timeout=30).status_code == 401  # bearer auth applies
+
+
 def openai_client(server: str, token: str = TOKEN):
     from openai import OpenAI
 
