@@ -104,8 +104,12 @@ class EditModel:
         import torch
 
         self.config, self.progress = config, progress
+        from longcat_ray.serving.compile_cache import cache_url, load_compiled, save_compiled
+
         device = "cuda" if config.gpus() > 0 and torch.cuda.is_available() else "cpu"
         self.editor = Editor(load_pipeline(config.model, device=device))
+        cache = cache_url(config, torch.cuda.get_device_name() if device == "cuda" else "cpu") if config.compile else None
+        loaded = load_compiled(cache, config.lora_storage_options)
         speed_up(self.editor.pipe, config.quantize, config.compile)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="longcat-model")
         self.fatal: str | None = None
@@ -117,6 +121,8 @@ class EditModel:
         self.run_batch.set_max_batch_size(config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.warmup = warm_up(self.editor.pipe, config)  # before __init__ returns: Serve routes nothing here yet
+        saved = not loaded and save_compiled(cache, config.lora_storage_options)
+        self.warmup["compile_cache"] = "loaded" if loaded else "saved" if saved else "off" if cache is None else "empty"
 
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args)

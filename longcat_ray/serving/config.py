@@ -53,6 +53,10 @@ class ServeConfig(Section):
     H100-class cards, an approximation of bf16."""
     compile: bool = False
     """GPU only: torch.compile the repeated DiT blocks (each new size/batch shape compiles once, ~a minute)."""
+    compile_cache_dir: str | None = None
+    """With `compile`: where replicas keep their compiled kernels (local folder or s3://, `lora_storage_options`
+    apply), keyed by model, torch version, GPU and levers. The first replica saves them after its warm-up; later
+    and restarted ones load them first and compile from cache."""
     warmup_sizes: list[str] | None = None
     """Output sizes (`WxH`, 16-px grid) each replica edits before it reports ready, at a batch of one and of
     `max_batch_size`, 2 steps, the default guidance: Serve routes nothing to a replica until then, so with `compile`
