@@ -1,0 +1,181 @@
+"""Serving under load (issue 17): the real Ray Serve app (`longcat_ray.serving.app`) on 127.0.0.1, one GPU, a
+full-size LongCat-Image-Edit with random bf16 weights (`--size tiny`: the CPU smoke run), 768², 40 steps, CFG.
+
+1. In process: one edit through the replica's own path (`edit_images` after `speed_up`), the reference.
+2. Cold start: `serve.run` of the app with `warmup_sizes` = the benchmark size and an empty `compile_cache_dir`
+   (ready = warm-up done); then one request alone, then `--concurrency` levels (p50/p95 latency, images/s).
+3. LoRA switch: a request for a LoRA already loaded against one for a LoRA the replica has not loaded yet.
+4. Warm-cache start: the app shut down and deployed again over the same compile cache.
+5. Batching off (`max_batch_size: 1`, its own cold start) at the highest concurrency, for the ratio.
+
+    python -m benchmarks.serve_load [--compile] [--quantize fp8] [--concurrency 1,4,8] [--size tiny]
+
+Writes $OUT/serve_load_<card>.json with in_process_s_per_edit, http_s_per_edit, batched_vs_unbatched_8,
+p95_s_8, lora_switch_s, cold_ready_s, warm_cache_ready_s and the rows they come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from benchmarks.serve_latency import full_pipeline, tiny_pipeline
+
+
+def make_loras(pipe, root: Path, count: int) -> list[str]:
+    """`count` random LoRAs (rank 32 on the official targets, B non-zero) exported as training exports them."""
+    from longcat_ray.config import LoraConfig
+    from longcat_ray.export import export_lora
+    from longcat_ray.model.transformer import add_lora
+
+    ids = []
+    for index in range(count):
+        add_lora(pipe.transformer, LoraConfig(rank=32), seed=index)
+        with torch.no_grad():
+            for name, param in pipe.transformer.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.01)
+        export_lora(pipe.transformer, str(root / f"lora{index}"), {}, {"base_model": "random"})
+        pipe.transformer.unload_lora()  # the plain DiT again, no peft wrappers
+        ids.append(f"lora{index}")
+    return ids
+
+
+def in_process(pipe, side: int, quantize: str, compile: bool, iters: int = 3) -> float:
+    from longcat_ray.inference import EditRequest, edit_images, speed_up
+
+    speed_up(pipe, quantize, compile)
+    reference = Image.effect_noise((1024, 1024), 64).convert("RGB")
+    request = EditRequest(prompt="make the sky a sunset", width=side, height=side, steps=40, guidance=4.5)
+    times = []
+    for _ in range(iters + 1):  # the first call compiles
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            edit_images(pipe, [reference], [request])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+class Client:
+    """HTTP edits against the running app; each call -> seconds from send to the PNG received."""
+
+    def __init__(self, url: str, side: int):
+        buffer = io.BytesIO()
+        Image.effect_noise((1024, 1024), 64).convert("RGB").save(buffer, format="PNG")
+        self.url, self.side, self.source = url, side, buffer.getvalue()
+
+    def edit(self, seed: int, lora: str = "") -> float:
+        import requests
+
+        start = time.perf_counter()
+        response = requests.post(f"{self.url}/v1/edit", files={"image": ("ref.png", self.source, "image/png")}, timeout=1800,
+                                 data={"prompt": "make the sky a sunset", "width": str(self.side), "height": str(self.side),
+                                       "num_inference_steps": "40", "guidance_scale": "4.5", "seed": str(seed), "lora": lora})
+        response.raise_for_status()
+        return time.perf_counter() - start
+
+    def load(self, concurrent: int, rounds: int) -> dict:
+        """`rounds` waves of `concurrent` requests at once -> latency percentiles and images per second."""
+        latencies, start = [], time.perf_counter()
+        with ThreadPoolExecutor(concurrent) as pool:
+            for wave in range(rounds):
+                latencies += list(pool.map(self.edit, range(wave * concurrent, (wave + 1) * concurrent)))
+        wall = time.perf_counter() - start
+        ordered = sorted(latencies)
+        return {"concurrent": concurrent, "requests": len(latencies), "images_per_s": round(len(latencies) / wall, 3),
+                "p50_s": round(statistics.median(ordered), 3), "p95_s": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 3)}
+
+
+def deploy(config) -> tuple[str, float]:
+    """serve.run of the app -> (url, seconds until every replica is ready, warm-up included)."""
+    from ray import serve
+
+    from longcat_ray.serving.app import APP_NAME, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    start = time.perf_counter()
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    return "http://127.0.0.1:8000", round(time.perf_counter() - start, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compile", action="store_true", help="compile: true (the replica's warm-up compiles)")
+    parser.add_argument("--quantize", default="none", choices=["none", "fp8"])
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--rounds", type=int, default=2, help="waves of requests per concurrency level")
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run")
+    parser.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size 1 deployment")
+    args = parser.parse_args()
+    from ray import serve
+
+    from longcat_ray.runtime import init_ray
+    from longcat_ray.serving.config import ServeConfig
+
+    side, levels = (768, [int(c) for c in args.concurrency.split(",")]) if args.size == "full" else (64, [1, 2])
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out = Path(os.environ.get("OUT", ".")) / f"serve_load_{card.split()[-1].lower()}.json"
+    result = {"card": card, "date": time.strftime("%Y-%m-%d"), "size": args.size, "compile": args.compile,
+              "quantize": args.quantize, "side": side}
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), flush=True)
+
+    with tempfile.TemporaryDirectory() as root:
+        root = Path(root)
+        pipe = full_pipeline() if args.size == "full" else tiny_pipeline()
+        pipe.save_pretrained(root / "pipeline")  # before any adapter or lever changes the model in memory
+        loras = make_loras(pipe, root / "loras", 2)
+        result["in_process_s_per_edit"] = round(in_process(pipe, side, args.quantize, args.compile), 3)
+        del pipe
+        torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        save()
+        init_ray()
+        config = ServeConfig(model=str(root / "pipeline"), lora_root=str(root / "loras"), quantize=args.quantize,
+                             compile=args.compile, compile_cache_dir=str(root / "compiled"), warmup_sizes=[f"{side}x{side}"],
+                             max_batch_size=max(levels), max_loras_per_replica=1, default_steps=40)
+        url, result["cold_ready_s"] = deploy(config)
+        client = Client(url, side)
+        client.edit(0)
+        result["http_s_per_edit"] = round(statistics.median(client.edit(i) for i in range(1, 4)), 3)
+        result["batched"] = [client.load(c, args.rounds) for c in levels]
+        save()
+        client.edit(0, loras[0])
+        loaded = statistics.median(client.edit(i, loras[0]) for i in range(3))
+        switched = statistics.median(client.edit(i, loras[i % 2]) for i in range(1, 4))  # one slot: each one reloads
+        result.update(lora_loaded_s=round(loaded, 3), lora_switched_s=round(switched, 3), lora_switch_s=round(switched - loaded, 3))
+        serve.shutdown()
+        url, result["warm_cache_ready_s"] = deploy(config)
+        serve.shutdown()
+        save()
+        if not args.no_unbatched:
+            url, result["unbatched_cold_ready_s"] = deploy(config.model_copy(update={"max_batch_size": 1}))
+            result["unbatched"] = [Client(url, side).load(max(levels), args.rounds)]
+            serve.shutdown()
+        top = max(levels)
+        batched = next(row for row in result["batched"] if row["concurrent"] == top)
+        result[f"p95_s_{top}"] = batched["p95_s"]
+        if "unbatched" in result:
+            result[f"batched_vs_unbatched_{top}"] = round(batched["images_per_s"] / result["unbatched"][0]["images_per_s"], 3)
+        save()
+
+
+if __name__ == "__main__":
+    main()
