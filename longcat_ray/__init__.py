@@ -1,0 +1,20 @@
+"""longcat-ray: fine-tune LongCat-Image-Edit with LoRA on Ray (Data, Train + DeepSpeed) and serve it (Serve)."""
+
+import logging
+import os
+
+
+def _quiet_known_noise() -> None:
+    """Third-party warnings that say nothing about the user's data or config, silenced at their exact loggers in
+    every process that imports the package (Ray workers too). LONGCAT_RAY_VERBOSE=1 keeps them.
+    - torch.utils._pytree: torchao 0.18 registers its enums the deprecated way when it is imported
+      ("... is an Enum subclass ... Calling register_constant() on Enum subclasses is deprecated").
+    - diffusers' torchao quantizer: "Unable to import `torchao` Tensor objects" (diffusers 0.42 looks for classes
+      torchao 0.18 moved; only checkpoints serialized by torchao would need them, and none is loaded here)."""
+    if os.environ.get("LONGCAT_RAY_VERBOSE"):
+        return
+    for name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_quiet_known_noise()
