@@ -303,7 +303,7 @@ def load_encoder_components(model: str, revision: str | None = None) -> EncoderC
     root = resolve_model_dir(model, revision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype).to(device).eval()
     text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root, subfolder="text_encoder", dtype=dtype)
     return EncoderComponents(
         vae=vae,

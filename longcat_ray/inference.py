@@ -64,7 +64,7 @@ def load_pipeline(name_or_path: str, device: str | torch.device | None = None, d
 
     device = torch.device(device) if device else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pipe = LongCatImageEditPipeline.from_pretrained(name_or_path, torch_dtype=dtype)
+    pipe = LongCatImageEditPipeline.from_pretrained(name_or_path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     speed_up_vision(pipe.text_encoder)
     return pipe.to(device)

@@ -504,7 +504,7 @@ class TrainingLoop:
 
             model = self.config.model
             self.vae = AutoencoderKL.from_pretrained(model.pretrained_model_name_or_path, subfolder="vae",
-                                                     revision=model.revision, torch_dtype=self.dtype).to(self.device).eval()
+                                                     revision=model.revision, dtype=self.dtype).to(self.device).eval()
         options = self.plan.options
         samples = [{k: entry_tensor(k, load_entry(u, options[kind_key(k, m)])) for k, u in m["entries"].items()}
                    for m in validation_pairs(self.manifest, self.config)]

@@ -26,13 +26,14 @@ def one_rank_group():
 
 
 def test_a_quantized_base_frees_the_weights_it_replaces(tiny, one_rank_group):
-    """DeepSpeed's {param: name} map would keep every replaced bf16 weight alive beside its fp8 copy."""
+    """DeepSpeed's {param: name} map would keep every replaced weight alive beside its quantized copy (torchao's
+    weight-only base is swapped in after DeepSpeed placed the model; fp8-matmul converts before, in place_base)."""
     transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=str(tiny.model)), torch.float32, torch.device("cpu"))
     params = add_lora(transformer, LoraConfig(rank=4), seed=0)
     engine, _ = init_engine(transformer, params, TrainConfig(mixed_precision="no", max_train_steps=4), 1)
     base = weakref.ref(transformer.transformer_blocks[0].attn.to_q.base_layer.weight)
     with frozen_weights_replaceable(engine):
-        quantize_base(transformer, "fp8-matmul")
+        quantize_base(transformer, "int8-torchao")
     gc.collect()
     assert base() is None
     assert set(engine.param_names) == set(transformer.parameters())  # every live parameter is named again

@@ -17,7 +17,7 @@ def load_transformer(model: ModelConfig, dtype: torch.dtype, device: torch.devic
     from diffusers import LongCatImageTransformer2DModel
 
     transformer = LongCatImageTransformer2DModel.from_pretrained(
-        model.pretrained_model_name_or_path, subfolder="transformer", revision=model.revision, torch_dtype=dtype
+        model.pretrained_model_name_or_path, subfolder="transformer", revision=model.revision, dtype=dtype
     ).to(device)
     return transformer.requires_grad_(False)
 
