@@ -5,6 +5,24 @@ PY=${PY:-.venv/bin/python}
 DEMO=${DEMO:-/tmp/longcat-ray-demo}
 CLI="$PY -m longcat_ray.cli"
 rm -rf "$DEMO"
+mkdir -p "$DEMO"
+STARTED=$(date +%s)
+
+echo "== 0. one local Ray for every stage (each command joins it through RAY_ADDRESS; token auth, as a cluster has)"
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DEMO/ray-token"
+$PY -c "import secrets; print(secrets.token_hex(32), end='')" > "$RAY_AUTH_TOKEN_PATH"
+GCS_PORT=$($PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$(dirname "$PY")/ray" start --head --port "$GCS_PORT" --node-ip-address 127.0.0.1 --num-cpus 4 \
+  --include-dashboard false --temp-dir "$DEMO/ray" --disable-usage-stats > "$DEMO/ray-start.log" 2>&1
+export RAY_ADDRESS="127.0.0.1:$GCS_PORT"
+# At the end: stage 6's server and only this demo's Ray (`ray stop` would stop any other Ray on the machine too);
+# the whole cluster goes, so the server needs no graceful Serve shutdown (that alone took ~40 s here)
+stop_all() {
+  [ -n "${SERVER:-}" ] && kill -9 "$SERVER" 2>/dev/null
+  pkill -f -- "$DEMO/ray/" || true
+  sleep 3; pkill -9 -f -- "$DEMO/ray/" || true  # the GCS server outlived SIGTERM once here
+}
+trap stop_all EXIT
 
 echo "== 1. tiny model + synthetic paired data + SimpleTuner config"
 $CLI make-tiny "$DEMO" --pairs 12
@@ -28,9 +46,8 @@ echo "== 6. serve the trained LoRA (Ray Serve) and edit one image over HTTP with
 PORT=${PORT:-8000}
 $CLI serve --model "$DEMO/model" --lora-root "$DEMO" --port "$PORT" > "$DEMO/serve.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 $PY scripts/http_edit.py --url "http://127.0.0.1:$PORT" --wait 240 --image "$DEMO/data/refs/pair_0001.png" \
   --prompt "swap the red and blue colours" --lora output --steps 4 --size 128x128 --output "$DEMO/served-edit.png"
 echo "server log: $DEMO/serve.log (page: http://127.0.0.1:$PORT/ while it runs)"
 
-echo "demo finished: everything is under $DEMO"
+echo "demo finished in $(( $(date +%s) - STARTED )) s: everything is under $DEMO"
