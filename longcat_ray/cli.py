@@ -237,11 +237,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.api_token = config.token()  # read here, where the user's environment is
     if not join_ray(args.address):
         return EXIT_CLUSTER
-    url = run_local(config, args.host, args.port, args.address)
-    print(f"serving {config.model} at {url}/ (page), {url}/docs (API), {url}/v1/edit; "
-          f"adapters from {config.lora_root or '(none)'}; auth: {'bearer token' if config.api_token else 'off'}", flush=True)
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)  # before deploying: a stop during the warm-up shuts down cleanly too
     try:
+        url = run_local(config, args.host, args.port, args.address)
+        print(f"serving {config.model} at {url}/ (page), {url}/docs (API), {url}/v1/edit; "
+              f"adapters from {config.lora_root or '(none)'}; auth: {'bearer token' if config.api_token else 'off'}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

