@@ -5,7 +5,8 @@ full-size LongCat-Image-Edit with random bf16 weights (`--size tiny`: the CPU sm
 2. Cold start: `serve.run` of the app with `warmup_sizes` = the benchmark size and an empty `compile_cache_dir`
    (ready = warm-up done); then one request alone, then `--concurrency` levels (p50/p95 latency, images/s).
 3. LoRA switch: a request for a LoRA already loaded against one for a LoRA the replica has not loaded yet.
-4. Warm-cache start: the app shut down and deployed again over the same compile cache.
+4. Warm-cache start: the app shut down and deployed again on a fresh local Ray whose inductor cache is empty (as on
+   a new node), over the same `compile_cache_dir`: only that cache can make its compile warm.
 5. Batching off (`max_batch_size: 1`, its own cold start) at the highest concurrency, for the ratio.
 
     python -m benchmarks.serve_load [--compile] [--quantize fp8] [--concurrency 1,4,8] [--size tiny]
@@ -100,12 +101,19 @@ class Client:
                 "p50_s": round(statistics.median(ordered), 3), "p95_s": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 3)}
 
 
-def deploy(config) -> tuple[str, float]:
-    """serve.run of the app -> (url, seconds until every replica is ready, warm-up included)."""
+def deploy(config, inductor_dir: Path) -> tuple[str, float]:
+    """serve.run of the app on a fresh local Ray whose processes compile into `inductor_dir` (empty: a replica on a
+    new node, so only `compile_cache_dir` can make its compile warm) -> (url, seconds until every replica is ready,
+    warm-up included)."""
+    import ray
     from ray import serve
 
+    from longcat_ray.runtime import init_ray
     from longcat_ray.serving.app import APP_NAME, build_app
 
+    ray.shutdown()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)  # the local Ray's workers inherit it
+    init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     start = time.perf_counter()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
@@ -123,7 +131,6 @@ def main() -> None:
     args = parser.parse_args()
     from ray import serve
 
-    from longcat_ray.runtime import init_ray
     from longcat_ray.serving.config import ServeConfig
 
     side, levels = (768, [int(c) for c in args.concurrency.split(",")]) if args.size == "full" else (64, [1, 2])
@@ -147,11 +154,10 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         save()
-        init_ray()
         config = ServeConfig(model=str(root / "pipeline"), lora_root=str(root / "loras"), quantize=args.quantize,
                              compile=args.compile, compile_cache_dir=str(root / "compiled"), warmup_sizes=[f"{side}x{side}"],
                              max_batch_size=max(levels), max_loras_per_replica=1, default_steps=40)
-        url, result["cold_ready_s"] = deploy(config)
+        url, result["cold_ready_s"] = deploy(config, root / "inductor-cold")
         client = Client(url, side)
         client.edit(0)
         result["http_s_per_edit"] = round(statistics.median(client.edit(i) for i in range(1, 4)), 3)
@@ -162,11 +168,12 @@ def main() -> None:
         switched = statistics.median(client.edit(i, loras[i % 2]) for i in range(1, 4))  # one slot: each one reloads
         result.update(lora_loaded_s=round(loaded, 3), lora_switched_s=round(switched, 3), lora_switch_s=round(switched - loaded, 3))
         serve.shutdown()
-        url, result["warm_cache_ready_s"] = deploy(config)
+        url, result["warm_cache_ready_s"] = deploy(config, root / "inductor-new-node")
         serve.shutdown()
         save()
         if not args.no_unbatched:
-            url, result["unbatched_cold_ready_s"] = deploy(config.model_copy(update={"max_batch_size": 1}))
+            url, result["unbatched_cold_ready_s"] = deploy(config.model_copy(update={"max_batch_size": 1}),
+                                                           root / "inductor-unbatched")
             result["unbatched"] = [Client(url, side).load(max(levels), args.rounds)]
             serve.shutdown()
         top = max(levels)

@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -91,11 +92,23 @@ def test_serve_joins_a_running_head(two_cpu_head, tiny):
     env = {**two_cpu_head["env"], "RAY_ADDRESS": two_cpu_head["gcs"]}
     server = subprocess.Popen([CLI, "serve", "--model", str(tiny.model), "--port", str(port)], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = [], []  # read as they come: a full pipe would stall the server
+    readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
+               for lines, stream in ((out, server.stdout), (err, server.stderr))]
+    for reader in readers:
+        reader.start()
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/healthz", server, timeout=600)
+        # the "serving ..." line comes when serve.run returns; /healthz may answer a little earlier
+        deadline = time.time() + 600
+        while not any("serving " in line for line in out) and server.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", server, timeout=60)
     finally:
         server.send_signal(signal.SIGTERM)
-        out, err = server.communicate(timeout=180)
+        server.wait(timeout=180)
+        for reader in readers:
+            reader.join(timeout=30)
+    out, err = "".join(out), "".join(err)
     assert server.returncode == 0, err[-3000:]
     assert "ray: joined the running cluster at " in err and "(2 CPUs, 0 GPUs)" in err, err[-3000:]
-    # (the "serving ..." line may not come: /healthz answers once the replicas are up, before serve.run returns)
+    assert f"serving {tiny.model} at http://127.0.0.1:{port}/" in out

@@ -26,12 +26,12 @@ def place_base(transformer, precision: str, device: torch.device) -> None:
     """Moves the DiT to `device` one block at a time; `fp8-matmul` converts each block's frozen linears
     (model/fp8.py) as it arrives, so the device never holds the whole bf16 base beside its fp8 copy (the full DiT
     is 11.7 GiB in bf16, 5.8 GiB converted)."""
+    from longcat_ray.model.fp8 import convert_base
+
     pieces = [*transformer.transformer_blocks, *transformer.single_transformer_blocks, transformer]
     for piece in pieces:  # the last piece moves what is left: embedders, final norm, output projection
         piece.to(device)
         if precision == "fp8-matmul":
-            from longcat_ray.model.fp8 import convert_base
-
             # linears narrower than the model (the 64-channel patch embedder and output projection) stay in bf16
             convert_base(piece, min_features=transformer.inner_dim)
 

@@ -33,9 +33,10 @@ from ray import serve
 
 from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
 from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
+from longcat_ray.serving.compile_cache import cache_url, load_compiled, save_compiled
 from longcat_ray.serving import openai_compat as oai
 from longcat_ray.serving.config import ServeConfig
-from longcat_ray.serving.uploads import RequestError, build_request, check_range, decode_upload
+from longcat_ray.serving.uploads import RequestError, build_request, check_range, check_request_id, decode_upload
 
 APP_NAME = "longcat-ray"
 
@@ -79,14 +80,17 @@ class LoadedAdapter:
 
 class ProgressBoard:
     """Steps done per client request id, pushed by the model replicas after each denoising step and read by the
-    ingress (one replica, no CPU: a dict). Entries older than PROGRESS_TTL_S are dropped."""
+    ingress (one replica, no CPU: a dict). Entries older than PROGRESS_TTL_S are dropped, in a sweep at most once a
+    minute (not on every step's update)."""
 
     def __init__(self):
         self.items: dict[str, tuple[int, int, float]] = {}
+        self.swept = time.monotonic()
 
     def update(self, ids: list[str], step: int, total: int) -> None:
         now = time.monotonic()
-        self.items = {k: v for k, v in self.items.items() if now - v[2] < PROGRESS_TTL_S}
+        if now - self.swept > 60:
+            self.items, self.swept = {k: v for k, v in self.items.items() if now - v[2] < PROGRESS_TTL_S}, now
         self.items.update({i: (step, total, now) for i in ids})
 
     def get(self, request_id: str) -> dict | None:
@@ -104,8 +108,6 @@ class EditModel:
         import torch
 
         self.config, self.progress = config, progress
-        from longcat_ray.serving.compile_cache import cache_url, load_compiled, save_compiled
-
         device = "cuda" if config.gpus() > 0 and torch.cuda.is_available() else "cpu"
         self.editor = Editor(load_pipeline(config.model, device=device))
         cache = cache_url(config, torch.cuda.get_device_name() if device == "cuda" else "cpu") if config.compile else None
@@ -121,8 +123,7 @@ class EditModel:
         self.run_batch.set_max_batch_size(config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.warmup = warm_up(self.editor.pipe, config)  # before __init__ returns: Serve routes nothing here yet
-        saved = not loaded and save_compiled(cache, config.lora_storage_options)
-        self.warmup["compile_cache"] = "loaded" if loaded else "saved" if saved else "off" if cache is None else "empty"
+        self.warmup["compile_cache"] = compile_cache_state(cache, loaded, config.lora_storage_options)
 
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args)
@@ -187,6 +188,15 @@ class EditModel:
                 "loaded_loras": len(self.editor.loras), "warmup": self.warmup}
 
 
+def compile_cache_state(url: str | None, loaded: bool, options: dict) -> str:
+    """After the warm-up: save what compiled unless it came from the cache -> what /healthz says of the cache."""
+    if url is None:
+        return "off"
+    if loaded:
+        return "loaded"
+    return "saved" if save_compiled(url, options) else "empty"
+
+
 WARMUP_STEPS = 2  # compiles happen in the first step; a second one shows the steady path runs
 
 
@@ -202,12 +212,6 @@ def warm_up(pipe, config: ServeConfig) -> dict:
                                   guidance=config.default_guidance)
             edit_images(pipe, [source] * batch, [request] * batch)
     return {"sizes": [f"{w}x{h}" for w, h in shapes], "batch_sizes": batches, "seconds": round(time.perf_counter() - start, 2)}
-
-
-def check_request_id(request_id: str) -> str:
-    if not (0 < len(request_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in request_id)):
-        raise RequestError(422, "request_id", "1-64 letters, digits, '-' or '_' (e.g. a UUID)")
-    return request_id
 
 
 def to_png(image: Image.Image) -> bytes:
@@ -380,12 +384,9 @@ class Ingress:
             check_range("output_compression", output_compression, 0, 100)
         width, height = oai.parse_size(size)
         used = oai.seeds(seed, n)
-        try:
-            job = await self.make_job(uploads[0], oai.adapter_of(model), lora_scale, prompt=prompt,
-                                      negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                                      num_inference_steps=num_inference_steps, width=width, height=height, seed=used[0])
-        except RequestError as err:  # the adapter is OpenAI's `model`
-            raise RequestError(err.status, "model", err.message) if err.field == "lora" else err from None
+        job = await self.make_job(uploads[0], oai.adapter_of(model), lora_scale, prompt=prompt,
+                                  negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                  num_inference_steps=num_inference_steps, width=width, height=height, seed=used[0])
         jobs = [dataclasses.replace(job, request=dataclasses.replace(job.request, seed=s)) for s in used]
         results = await asyncio.gather(*(self.run(j) for j in jobs))  # one denoising batch when they fit
         images = [oai.encode(r.png, output_format, output_compression) for r in results]

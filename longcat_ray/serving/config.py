@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from longcat_ray.config import SIZE_GRID, Section
+from longcat_ray.config import SIZE_GRID, Section, nearest_on_grid, parse_resolutions
 
 TOKEN_ENV = "LONGCAT_RAY_API_TOKEN"
 
@@ -57,12 +57,24 @@ class ServeConfig(Section):
     """With `compile`: where replicas keep their compiled kernels (local folder or s3://, `lora_storage_options`
     apply), keyed by model, torch version, GPU and levers. The first replica saves them after its warm-up; later
     and restarted ones load them first and compile from cache."""
-    warmup_sizes: list[str] | None = None
-    """Output sizes (`WxH`, 16-px grid) each replica edits before it reports ready, at a batch of one and of
+    warmup_sizes: list[tuple[int, int]] | None = None
+    """Output sizes (`WxH` as `validation_resolution` writes them: a list, or one string `1024x1024,768x768`; a bare
+    `1024` is square; 16-px grid) each replica edits before it reports ready, at a batch of one and of
     `max_batch_size`, 2 steps, the default guidance: Serve routes nothing to a replica until then, so with `compile`
     no request waits for a compile of those sizes. Null: the square of `default_area`; []: no warm-up."""
     api_token: str | None = None
     """Bearer token for /v1/*; None reads the LONGCAT_RAY_API_TOKEN environment variable; unset = no auth."""
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        texts = [value] if isinstance(value, (str, int)) else value
+        try:
+            return [size for text in texts for size in (parse_resolutions(text) if isinstance(text, (str, int)) else [text])]
+        except ValueError:
+            raise ValueError(f"warmup_sizes: {value!r} is not WIDTHxHEIGHT (e.g. 768x768)") from None
 
     @model_validator(mode="after")
     def check_ranges(self) -> ServeConfig:
@@ -70,20 +82,18 @@ class ServeConfig(Section):
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps {self.default_steps} > max_steps {self.max_steps}")
-        for size in self.warmup_sizes or []:
-            width, sep, height = size.lower().partition("x")
-            sides = (int(width), int(height)) if sep and width.isdigit() and height.isdigit() else None
-            if not sides or any(s % SIZE_GRID or not SIZE_GRID <= s <= self.max_side for s in sides):
-                raise ValueError(f"warmup_sizes: {size!r} is not WIDTHxHEIGHT with sides on the {SIZE_GRID}-px grid "
-                                 f"up to max_side {self.max_side} (e.g. 768x768)")
+        for width, height in self.warmup_sizes or []:
+            if any(s % SIZE_GRID or not SIZE_GRID <= s <= self.max_side for s in (width, height)):
+                raise ValueError(f"warmup_sizes: {width}x{height} needs sides on the {SIZE_GRID}-px grid up to "
+                                 f"max_side {self.max_side} (e.g. 768x768)")
         return self
 
     def warmup_shapes(self) -> list[tuple[int, int]]:
         """`warmup_sizes` as (width, height); null -> the square of default_area on the grid."""
         if self.warmup_sizes is None:
-            side = max(SIZE_GRID, round(self.default_area**0.5 / SIZE_GRID) * SIZE_GRID)
-            return [(min(side, self.max_side - self.max_side % SIZE_GRID),) * 2]
-        return [tuple(int(s) for s in size.lower().split("x")) for size in self.warmup_sizes]
+            side = min(nearest_on_grid(self.default_area**0.5, SIZE_GRID), self.max_side - self.max_side % SIZE_GRID)
+            return [(side, side)]
+        return list(self.warmup_sizes)
 
     def token(self) -> str | None:
         return self.api_token or os.environ.get(TOKEN_ENV) or None

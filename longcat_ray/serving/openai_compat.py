@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from longcat_ray.config import parse_resolutions
 from longcat_ray.serving.uploads import MAX_SEED, RequestError
 
 BASE_MODEL = "longcat-image-edit"
@@ -29,12 +30,15 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PATHS)
 
 
+PARAMS = {"lora": "model"}  # /v1/edit's field -> OpenAI's name for it (the adapter is the `model`)
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object for an HTTP status (the client raises its matching exception from the status)."""
-    kind = {401: "authentication_error", 404: "invalid_request_error"}.get(status, "invalid_request_error")
-    code = {401: "invalid_api_key", 404: "model_not_found" if param == "model" else None}.get(status)
-    if status >= 500:
-        kind = "server_error"
+    """OpenAI's error object for an HTTP status (the client raises its matching exception from the status); a
+    field named as /v1/edit names it is given OpenAI's name."""
+    param = PARAMS.get(param, param)
+    kind = "server_error" if status >= 500 else "authentication_error" if status == 401 else "invalid_request_error"
+    code = "invalid_api_key" if status == 401 else "model_not_found" if status == 404 and param == "model" else None
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -42,10 +46,11 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """`WxH` -> (W, H); `auto`, empty or absent -> (None, None): the size follows the source's aspect ratio."""
     if size is None or size.strip() in ("", "auto"):
         return None, None
-    width, sep, height = size.strip().lower().partition("x")
-    if not (sep and width.isdigit() and height.isdigit()):
-        raise RequestError(422, "size", f"{size!r} is not WIDTHxHEIGHT (e.g. 768x768) or auto")
-    return int(width), int(height)
+    try:
+        (width, height), = parse_resolutions(size)
+    except ValueError:
+        raise RequestError(422, "size", f"{size!r} is not WIDTHxHEIGHT (e.g. 768x768) or auto") from None
+    return width, height
 
 
 def adapter_of(model: str | None) -> str | None:

@@ -63,6 +63,13 @@ def check_range(field: str, value: float, low: float, high: float) -> None:
         raise RequestError(422, field, f"{value} is out of range [{low}, {high}]")
 
 
+def check_request_id(request_id: str) -> str:
+    """A client's id for GET /v1/progress/{id}: 1-64 ASCII letters, digits, '-' or '_'."""
+    if not (0 < len(request_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in request_id)):
+        raise RequestError(422, "request_id", "1-64 letters, digits, '-' or '_' (e.g. a UUID)")
+    return request_id
+
+
 def check_side(field: str, value: int, config: ServeConfig, note: str = "") -> int:
     check_range(field, value, SIZE_GRID, config.max_side)
     if value % SIZE_GRID:

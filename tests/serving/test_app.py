@@ -270,6 +270,7 @@ def test_the_openai_client_raises_its_matching_error_naming_the_param(server, ti
         ("wrong token", openai_client(server, "nope"), {}, openai.AuthenticationError, None),
         ("unknown model", client, {"model": "nope"}, openai.NotFoundError, "model"),
         ("a path as model", client, {"model": "../style0"}, openai.BadRequestError, "model"),
+        ("a LoRA of another model", client, {"model": "misfit"}, openai.UnprocessableEntityError, "model"),
         ("n over 4", client, {"n": 5}, openai.UnprocessableEntityError, "n"),
         ("size off the grid", client, {"size": "100x48"}, openai.UnprocessableEntityError, "width"),
         ("size not WxH", client, {"size": "big"}, openai.UnprocessableEntityError, "size"),

@@ -89,7 +89,8 @@ def test_adapters_under_the_root(tiny_loras):
     ([], []),
     (["768x512", "64X64"], "max_side"),
     (["100x64"], "16-px grid"),
-    (["768"], "WIDTHxHEIGHT"),
+    (["big"], "WIDTHxHEIGHT"),
+    ("256x128,64", [(256, 128), (64, 64)]),  # validation_resolution's syntax: one string, a bare side is square
 ])
 def test_warmup_sizes(sizes, expected):
     from pydantic import ValidationError
