@@ -8,6 +8,7 @@ reference) and of the negative, VAE encode, 40 steps, VAE decode. `--serve` adds
 the real Ray Serve app (`longcat_ray.serving.app`) on 127.0.0.1: one request at a time, and 8 at once.
 
     python -m benchmarks.serve_latency [--variants eager_two_calls,eager,compiled,fp8_compiled] [--serve fp8_compiled]
+    python -m benchmarks.serve_latency --variants eager,fp8_compiled,fp8ao_compiled   # fp8: the product's vs torchao's
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ VARIANTS = {  # name -> (cfg_batch, cudnn attention, compile, quantize)
     "compiled": (True, True, True, "none"),
     "fp8": (True, True, False, "fp8"),
     "fp8_compiled": (True, True, True, "fp8"),
+    # what `quantize: fp8` ran before: torchao's dynamic per-row float8 (kept here only to compare with)
+    "fp8ao_compiled": (True, True, True, "fp8-torchao"),
 }
 
 
@@ -68,7 +71,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed_edit(pipe, reference: Image.Image, request: EditRequest, cfg_batch: bool) -> float:
+def timed_edit(pipe, reference: Image.Image, request: EditRequest, cfg_batch: bool) -> tuple[float, torch.Tensor]:
+    """-> (seconds for the whole edit, the final latents)."""
     sync()
     start = time.perf_counter()
     with torch.no_grad():
@@ -76,7 +80,27 @@ def timed_edit(pipe, reference: Image.Image, request: EditRequest, cfg_batch: bo
         latents = denoise(pipe.transformer, ref, embeds, negative, [request], cfg_batch=cfg_batch)
         decode_images(pipe.vae, latents, request.width, request.height)
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, latents.float()
+
+
+def torchao_fp8(transformer) -> None:
+    """The previous `quantize: fp8`: torchao's dynamic per-row float8 on every linear whose dims fit."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def fits(module: torch.nn.Module, _name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fits)
+
+
+def apply_levers(pipe, quantize: str, compile: bool) -> None:
+    """speed_up, or the torchao comparison row's quantization followed by speed_up's compile (GPU only, as
+    speed_up)."""
+    if quantize == "fp8-torchao":
+        if torch.cuda.is_available():
+            torchao_fp8(pipe.transformer)
+        quantize = "none"
+    speed_up(pipe, quantize, compile)
 
 
 def peak_gib() -> float:
@@ -84,23 +108,39 @@ def peak_gib() -> float:
 
 
 def run_variants(pipe, names: list[str], iters: int, side: int) -> dict:
+    """Each row's levers on the pipeline; quantizations cannot be undone, so a row that quantizes differently from
+    the one before starts from a copy of the untouched DiT (and a fresh compile). Each row reports its final
+    latents' relative difference from the first row's (same seed): what the levers change in the result."""
+    import copy
+
     reference = Image.effect_noise((1024, 1024), 64).convert("RGB")
     request = EditRequest(prompt="make the sky a sunset", width=side, height=side, steps=40, guidance=4.5, seed=0)
-    results, quantized, compiled = {}, False, False
+    kinds = {VARIANTS[name][3] for name in names} - {"none"}
+    pristine = copy.deepcopy(pipe.transformer) if len(kinds) > 1 else None
+    results, quantized, compiled, first = {}, "none", False, None
     for name in names:  # ordered so that levers only accumulate (quantize and compile cannot be undone)
         cfg_batch, cudnn, compile, quantize = VARIANTS[name]
+        if quantized != "none" and quantize not in ("none", quantized):
+            pipe.transformer = copy.deepcopy(pristine)
+            torch._dynamo.reset()
+            quantized, compiled = "none", False
         if torch.cuda.is_available():
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
-        if (quantize == "fp8" and not quantized) or (compile and not compiled):
-            speed_up(pipe, "fp8" if quantize == "fp8" and not quantized else "none", compile and not compiled)
-            quantized, compiled = quantized or quantize == "fp8", compiled or compile
+        if (quantize != "none" and quantized == "none") or (compile and not compiled):
+            apply_levers(pipe, quantize if quantized == "none" else "none", compile and not compiled)
+            quantized, compiled = quantize if quantized == "none" else quantized, compiled or compile
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         start = time.perf_counter()
-        warm = timed_edit(pipe, reference, request, cfg_batch)  # includes compilation for compiled rows
-        times = [timed_edit(pipe, reference, request, cfg_batch) for _ in range(iters)]
+        warm, latents = timed_edit(pipe, reference, request, cfg_batch)  # includes compilation for compiled rows
+        runs = [timed_edit(pipe, reference, request, cfg_batch) for _ in range(iters)]
+        times = [t for t, _ in runs]
+        first = latents if first is None else first
         results[name] = {"s_per_edit": round(statistics.median(times), 3), "all_s": [round(t, 3) for t in times],
                          "first_call_s": round(warm, 1), "setup_and_first_s": round(time.perf_counter() - start - sum(times), 1),
+                         "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+                         "latents_rel_diff_vs_first_row": round(((latents - first).norm() / first.norm()).item(), 4),
                          "peak_gib": peak_gib()}
         print(name, json.dumps(results[name]), flush=True)
     return results

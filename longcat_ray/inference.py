@@ -271,23 +271,27 @@ def load_editor(name_or_path: str, device: str | None = None, loras: list[str] =
 def speed_up(pipe, quantize: str = "none", compile: bool = False) -> None:
     """Inference-only levers on a GPU (no-ops on the CPU): cuDNN attention (its forward is the fastest at these
     shapes; only its backward fails, which inference never runs), optional fp8 matmuls for the DiT's linears
-    (torchao dynamic per-row scaling; approximates bf16), optional regional torch.compile of the repeated
-    blocks (compiles per new size/batch shape; LoRAs still load and switch)."""
+    (`quantize_dit`), optional regional torch.compile of the repeated blocks (compiles per new size/batch shape;
+    LoRAs still load and switch)."""
     if not torch.cuda.is_available() or pipe.device.type != "cuda":
         return
     torch.backends.cuda.enable_cudnn_sdp(True)
-    if quantize == "fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-        def fits(module: torch.nn.Module, _name: str) -> bool:
-            return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fits)
-    elif quantize != "none":
-        raise ValueError(f"quantize must be none or fp8, got {quantize!r}")
+    quantize_dit(pipe.transformer, quantize)
     if compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
+
+
+def quantize_dit(transformer, quantize: str) -> None:
+    """`fp8`: the DiT's frozen linears as training's `fp8-matmul` base converts them (model/fp8.py), with scales
+    per token row and per output row (a request's output does not depend on what shares its batch); the modulation
+    linears in int8. Approximates bf16. LoRAs load onto the converted layers as onto any Linear."""
+    if quantize == "fp8":
+        from longcat_ray.model.fp8 import convert_base
+
+        convert_base(transformer.requires_grad_(False), min_features=transformer.inner_dim, inference=True)
+    elif quantize != "none":
+        raise ValueError(f"quantize must be none or fp8, got {quantize!r}")
 
 
 def apply_offload(pipe, offload: str) -> None:

@@ -15,6 +15,11 @@ The linears whose input is one row per sample (the blocks' modulation `norm*.lin
 weights, and the timestep embedding) gain nothing from fp8 tensor cores: they are memory-bound matrix-vector
 products. They are stored as int8 with one scale per output row (`Int8RowwiseFrozenLinear`) and dequantised for
 their matmul, so every frozen weight of the base takes one byte (bf16 modulation alone took 3.2 GiB).
+
+Serving (`quantize: fp8`) uses the same conversion with one change, `Float8RowwiseLinear`: scales per token row
+and per output row instead of per tensor, forward only. Per-row input scales keep each request's output
+independent of whatever else shares its batch (a per-tensor scale would let one request's outlier coarsen another's
+rounding), and plain buffers compile once for all blocks (torchao's subclass weights recompiled per block).
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import torch
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def scale_to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (any shape) -> (x in `dtype` scaled so its absolute maximum maps to the format's maximum, the inverse
-    scale as a float32 scalar tensor)."""
+def scale_to_float8(x: torch.Tensor, dtype: torch.dtype, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (any shape; [m, k] with `rows`) -> (x in `dtype` scaled so its absolute maximum — of each row with `rows` —
+    maps to the format's maximum, the inverse scale: a float32 scalar tensor, or [m, 1] with `rows`)."""
     top = torch.finfo(dtype).max
-    amax = x.abs().amax().float().clamp(min=1e-12)
-    scale = top / amax
+    amax = x.abs().amax(dim=1, keepdim=True) if rows else x.abs().amax()
+    scale = top / amax.float().clamp(min=1e-12)
     return (x.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
 
@@ -62,12 +67,14 @@ class Float8Matmul(torch.autograd.Function):
 class Float8FrozenLinear(torch.nn.Linear):
     """A frozen nn.Linear whose matmuls run in fp8 (a subclass, so peft wraps it as it wraps any Linear)."""
 
+    ROWS = False  # one scale per tensor (weight and input); Float8RowwiseLinear: per row
+
     def __init__(self, linear: torch.nn.Linear):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, inv = scale_to_float8(linear.weight.detach(), E4M3)
+        weight, inv = scale_to_float8(linear.weight.detach(), E4M3, rows=self.ROWS)  # [out, in]; [] or [out, 1]
         self.register_buffer("weight_fp8", weight, persistent=False)
-        self.register_buffer("weight_inv", inv, persistent=False)
+        self.register_buffer("weight_inv", inv.t().contiguous() if self.ROWS else inv, persistent=False)  # [1, out]
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
         self.weight = None  # type: ignore[assignment]  -- no bf16 copy is kept
 
@@ -75,7 +82,24 @@ class Float8FrozenLinear(torch.nn.Linear):
         return Float8Matmul.apply(x, self.weight_fp8, self.weight_inv, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-tensor"
+        scaled = "per row (inference)" if self.ROWS else "per-tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 {scaled}"
+
+
+class Float8RowwiseLinear(Float8FrozenLinear):
+    """For inference: the weight scaled per output row, each input row scaled to e4m3 on its own, `_scaled_mm`
+    with row-wise scales (bf16 out). Forward only: it has no backward."""
+
+    ROWS = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("Float8RowwiseLinear is for inference: it has no backward (train with fp8-matmul)")
+        rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [m, in]
+        xq, x_inv = scale_to_float8(rows, E4M3, rows=True)  # [m, in], [m, 1]
+        out = scaled_matmul(xq, x_inv, self.weight_fp8.t(), self.weight_inv, x.dtype)  # [m, out]
+        out = out if self.bias is None else out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def fits_float8(linear: torch.nn.Linear, min_features: int) -> bool:
@@ -123,13 +147,27 @@ def swap_frozen_linears(model: torch.nn.Module, replace) -> None:
                 setattr(parent, child_name, new)
 
 
-def convert_base(model: torch.nn.Module, min_features: int) -> None:
+def convert_base(model: torch.nn.Module, min_features: int, inference: bool = False) -> None:
     """`fp8-matmul`'s frozen base, in place: the one-row-input linears (`ROW_INPUT`) as int8 per row, every other
-    linear that fits (both dims >= `min_features`, multiples of 16) as fp8 matmuls; the rest stay as they are."""
+    linear that fits (both dims >= `min_features`, multiples of 16) as fp8 matmuls (`inference`: row-wise scaled,
+    forward only, with a placeholder weight for LoRAs loaded later); the rest stay as they are."""
+    fp8 = Float8RowwiseLinear if inference else Float8FrozenLinear
 
     def replace(fqn: str, linear: torch.nn.Linear) -> torch.nn.Module | None:
         if any(s in fqn for s in ROW_INPUT):
-            return Int8RowwiseFrozenLinear(linear)
-        return Float8FrozenLinear(linear) if fits_float8(linear, min_features) else None
+            new = Int8RowwiseFrozenLinear(linear)
+        else:
+            new = fp8(linear) if fits_float8(linear, min_features) else None
+        if new is not None and inference:
+            placeholder_weight(new, linear.weight)
+        return new
 
     swap_frozen_linears(model, replace)
+
+
+def placeholder_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    """peft places an adapter loaded onto a layer by that layer's `weight` (its device, and its dtype for the
+    adapter's): an empty non-persistent buffer of the original's dtype answers both and follows `.to()`. Training
+    adds its LoRA before converting, so its layers keep `weight = None`."""
+    del module.weight
+    module.register_buffer("weight", weight.detach().new_empty(0), persistent=False)

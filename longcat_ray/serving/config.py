@@ -49,8 +49,9 @@ class ServeConfig(Section):
     default_area: int = Field(1024 * 1024, ge=SIZE_GRID * SIZE_GRID)
     """Output pixel area when a request gives neither width nor height (the pipeline's ~1 MP)."""
     quantize: Literal["none", "fp8"] = "none"
-    """GPU only: `fp8` runs the DiT's linears as fp8 matmuls (torchao, dynamic per-row scales): faster on
-    H100-class cards, an approximation of bf16."""
+    """GPU only: `fp8` runs the DiT's linears as fp8 matmuls (scales per token row and per weight row, as
+    training's `fp8-matmul` base but row-wise; modulation in int8): faster on H100-class cards, half the DiT's
+    memory, an approximation of bf16."""
     compile: bool = False
     """GPU only: torch.compile the repeated DiT blocks (each new size/batch shape compiles once, ~a minute)."""
     compile_cache_dir: str | None = None

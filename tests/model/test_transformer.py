@@ -86,6 +86,28 @@ def test_int8_rowwise_linear_stays_within_its_rounding():
     assert int8.weight is None and not list(int8.parameters())
 
 
+@pytest.mark.parametrize("device,dtype,tokens,in_f,out_f", [
+    ("cpu", torch.float32, 37, 64, 128),
+    pytest.param("cuda", torch.bfloat16, 5318, 3072, 12288, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])
+def test_rowwise_fp8_linear_rows_stand_alone(device, dtype, tokens, in_f, out_f):
+    """Serving's fp8 linear: close to the original; each row's output independent of the other rows in its batch
+    (one row scaled 1000x leaves the rest bit-equal); no backward."""
+    from longcat_ray.model.fp8 import Float8RowwiseLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
+    fp8 = Float8RowwiseLinear(linear)
+    x = torch.randn(2, tokens, in_f, device=device, dtype=dtype)
+    out = fp8(x)
+    assert ((out.float() - linear(x).float()).norm() / linear(x).float().norm()).item() < 0.05
+    loud = x.clone()
+    loud[1, 0] *= 1000
+    assert torch.equal(fp8(loud)[0], out[0]) and torch.equal(fp8(loud)[1, 1:], out[1, 1:])
+    with pytest.raises(RuntimeError, match="no backward"):
+        fp8(x.requires_grad_())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_fp8_linear_on_gpu_at_dit_shapes():
     """A 3072 -> 12288 linear over 5318 tokens (text + image, not a multiple of 16): fp8 output and input
