@@ -38,9 +38,13 @@ def scale_to_float8(x: torch.Tensor, dtype: torch.dtype, rows: bool = False) -> 
     return (x.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
 
-def scaled_matmul(a: torch.Tensor, a_inv: torch.Tensor, b_t: torch.Tensor, b_inv: torch.Tensor, out_dtype, bias=None):
-    """[m, k] fp8 row-major @ [k, n] fp8 column-major -> [m, n] in out_dtype (+ bias)."""
-    return torch._scaled_mm(a, b_t, scale_a=a_inv, scale_b=b_inv, bias=bias, out_dtype=out_dtype)
+def scaled_matmul(a: torch.Tensor, a_inv: torch.Tensor, b_t: torch.Tensor, b_inv: torch.Tensor, out_dtype, bias=None,
+                  fast_accum: bool = False):
+    """[m, k] fp8 row-major @ [k, n] fp8 column-major -> [m, n] in out_dtype (+ bias, fused unless the output is
+    float32, which _scaled_mm cannot fuse it into)."""
+    fused = bias if out_dtype != torch.float32 else None
+    out = torch._scaled_mm(a, b_t, scale_a=a_inv, scale_b=b_inv, bias=fused, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return out if bias is None or fused is not None else out + bias
 
 
 class Float8Matmul(torch.autograd.Function):
@@ -91,14 +95,14 @@ class Float8RowwiseLinear(Float8FrozenLinear):
     with row-wise scales (bf16 out). Forward only: it has no backward."""
 
     ROWS = True
+    FAST_ACCUM = False  # the tensor cores' faster, less exact fp8 accumulation (torchao's inference default)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("Float8RowwiseLinear is for inference: it has no backward (train with fp8-matmul)")
         rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [m, in]
         xq, x_inv = scale_to_float8(rows, E4M3, rows=True)  # [m, in], [m, 1]
-        out = scaled_matmul(xq, x_inv, self.weight_fp8.t(), self.weight_inv, x.dtype)  # [m, out]
-        out = out if self.bias is None else out + self.bias
+        out = scaled_matmul(xq, x_inv, self.weight_fp8.t(), self.weight_inv, x.dtype, self.bias, self.FAST_ACCUM)  # [m, out]
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
