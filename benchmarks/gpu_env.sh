@@ -4,7 +4,7 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ ! -e /tmp/site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --upgrade \
-    --target /tmp/site .whl/*.whl .whl/*.tar.gz || exit 1
+    --target /tmp/site .whl/*.whl $(ls .whl/*.tar.gz 2>/dev/null) || exit 1
   touch /tmp/site/.done
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
