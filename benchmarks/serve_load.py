@@ -122,6 +122,16 @@ def deploy(config, inductor_dir: Path) -> tuple[str, float]:
     return "http://127.0.0.1:8000", round(time.perf_counter() - start, 1)
 
 
+def unbatched(config, root: Path, side: int, concurrent: int, rounds: int, result: dict, save) -> None:
+    """Batching off (`max_batch_size: 1`, its own cold start) at `concurrent` requests at once."""
+    from ray import serve
+
+    url, result["unbatched_cold_ready_s"] = deploy(config.model_copy(update={"max_batch_size": 1}), root / "inductor-unbatched")
+    result["unbatched"] = [Client(url, side).load(concurrent, rounds)]
+    serve.shutdown()
+    save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile", action="store_true", help="compile: true (the replica's warm-up compiles)")
@@ -130,6 +140,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="waves of requests per concurrency level")
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run")
     parser.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size 1 deployment")
+    parser.add_argument("--only-unbatched", action="store_true",
+                        help="only the max_batch_size 1 deployment (when one device call cannot hold every phase)")
     args = parser.parse_args()
     from ray import serve
 
@@ -150,15 +162,18 @@ def main() -> None:
         pipe = full_pipeline() if args.size == "full" else tiny_pipeline()
         pipe.save_pretrained(root / "pipeline")  # before any adapter or lever changes the model in memory
         loras = make_loras(pipe, root / "loras", 2)
+        config = ServeConfig(model=str(root / "pipeline"), lora_root=str(root / "loras"), quantize=args.quantize,
+                             compile=args.compile, compile_cache_dir=str(root / "compiled"), warmup_sizes=[f"{side}x{side}"],
+                             max_batch_size=max(levels), max_loras_per_replica=1, default_steps=40)
+        if args.only_unbatched:
+            del pipe
+            return unbatched(config, root, side, max(levels), args.rounds, result, save)
         result["in_process_s_per_edit"] = round(in_process(pipe, side, args.quantize, args.compile), 3)
         del pipe
         torch._dynamo.reset()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         save()
-        config = ServeConfig(model=str(root / "pipeline"), lora_root=str(root / "loras"), quantize=args.quantize,
-                             compile=args.compile, compile_cache_dir=str(root / "compiled"), warmup_sizes=[f"{side}x{side}"],
-                             max_batch_size=max(levels), max_loras_per_replica=1, default_steps=40)
         url, result["cold_ready_s"] = deploy(config, root / "inductor-cold")
         client = Client(url, side)
         client.edit(0)
@@ -175,10 +190,7 @@ def main() -> None:
         serve.shutdown()
         save()
         if not args.no_unbatched:
-            url, result["unbatched_cold_ready_s"] = deploy(config.model_copy(update={"max_batch_size": 1}),
-                                                           root / "inductor-unbatched")
-            result["unbatched"] = [Client(url, side).load(max(levels), args.rounds)]
-            serve.shutdown()
+            unbatched(config, root, side, max(levels), args.rounds, result, save)
         top = max(levels)
         batched = next(row for row in result["batched"] if row["concurrent"] == top)
         result[f"p95_s_{top}"] = batched["p95_s"]
