@@ -5,7 +5,8 @@
                  ▼
              EditModel (1 GPU per replica, CPU without GPUs; autoscaled)
                  @serve.multiplexed: LoRAs loaded per replica, least recently used unloaded
-                 @serve.batch: requests of one size/steps/CFG/LoRA share one denoising batch
+                 BatchQueue: requests of one size/steps/CFG/LoRA share one denoising batch, formed
+                 when the model is free (serving/batching.py)
 
 Bad input is answered by the ingress with a 4xx naming the field and never reaches the model.
 """
@@ -20,7 +21,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from itertools import groupby
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
@@ -33,6 +33,7 @@ from ray import serve
 
 from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
 from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
+from longcat_ray.serving.batching import BatchQueue
 from longcat_ray.serving.compile_cache import cache_url, load_compiled, save_compiled
 from longcat_ray.serving import openai_compat as oai
 from longcat_ray.serving.config import ServeConfig
@@ -120,8 +121,8 @@ class EditModel:
             return await self._load(url)
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras_per_replica)(load)
-        self.run_batch.set_max_batch_size(config.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.queue = BatchQueue(self.run_group, key=EditJob.group, max_batch_size=config.max_batch_size,
+                                wait_s=config.batch_wait_timeout_s)
         self.warmup = warm_up(self.editor.pipe, config)  # before __init__ returns: Serve routes nothing here yet
         self.warmup["compile_cache"] = compile_cache_state(cache, loaded, config.lora_storage_options)
 
@@ -142,28 +143,20 @@ class EditModel:
         self.editor.loras.pop(name, None)
 
     async def edit(self, job: EditJob) -> EditResult:
-        result = await self.run_batch(job)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return await self.queue.submit(job)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def run_batch(self, jobs: list[EditJob]) -> list[EditResult | Exception]:
-        """Group the batch by (LoRA, size, steps, CFG); each group is one denoising batch."""
-        results: dict[int, EditResult | Exception] = {}
-        order = sorted(range(len(jobs)), key=lambda i: jobs[i].group())
-        for _, members in groupby(order, key=lambda i: jobs[i].group()):
-            members = list(members)
-            try:
-                adapter = await self.get_adapter(jobs[members[0]].lora_url) if jobs[members[0]].lora_url else None
-                start = time.perf_counter()
-                images = await asyncio.wrap_future(self.submit(self.edit_group, adapter, [jobs[i] for i in members]))
-                seconds = time.perf_counter() - start
-                results.update({i: EditResult(to_png(image), len(members), seconds) for i, image in zip(members, images)})
-            except Exception as err:  # noqa: BLE001 - answered per request; the rest of the batch goes on
-                self.note_fatal(err)
-                results.update({i: err for i in members})
-        return [results[i] for i in range(len(jobs))]
+    async def run_group(self, jobs: list[EditJob]) -> list[EditResult]:
+        """Jobs of one (LoRA, size, steps, CFG) group -> one denoising batch."""
+        try:
+            adapter = await self.get_adapter(jobs[0].lora_url) if jobs[0].lora_url else None
+            start = time.perf_counter()
+            images = await asyncio.wrap_future(self.submit(self.edit_group, adapter, jobs))
+        except Exception as err:
+            self.note_fatal(err)
+            raise
+        seconds = time.perf_counter() - start
+        pngs = await asyncio.gather(*(asyncio.to_thread(to_png, image) for image in images))  # off the event loop
+        return [EditResult(png, len(jobs), seconds) for png in pngs]
 
     def edit_group(self, adapter: LoadedAdapter | None, jobs: list[EditJob]) -> list[Image.Image]:
         self.editor.use_loras({adapter.name: jobs[0].lora_scale} if adapter else {})
