@@ -222,7 +222,8 @@ def load_lora(transformer, path: str, name: str) -> LoraWeights:
     weights = read_lora(path, [n.removesuffix(".base_layer") for n in module_names if n])
     check_lora(transformer, weights)
     try:
-        transformer.load_lora_adapter(dict(weights.state), prefix=None, adapter_name=name, metadata=weights.lora_config())
+        transformer.load_lora_adapter(dict(weights.state), prefix=None, adapter_name=name, metadata=weights.lora_config(),
+                                      low_cpu_mem_usage=True)  # no random init of weights the file overwrites
     except (ValueError, TypeError, KeyError, RuntimeError) as err:  # diffusers/peft's own refusals, named by file
         raise LoraError(f"{weights.file}: {err}") from None
     return weights

@@ -92,3 +92,20 @@ def test_fp8_dit_predicts_like_the_full_one_and_takes_loras(tiny, tiny_pipe, tin
     for reference, request, image in zip(references, requests, batched):
         single = np.asarray(edit_image(pipe, reference, request), np.float32)
         assert np.abs(np.asarray(image, np.float32) - single).max() <= 1.0
+
+
+def test_a_loaded_lora_holds_the_files_weights_where_the_base_is(tiny, tiny_loras):
+    """load_lora skips peft's random init (low_cpu_mem_usage): every adapter weight equals the file's, in the base's
+    dtype and on its device."""
+    from longcat_ray.config import ModelConfig
+    from longcat_ray.inference import load_lora
+    from longcat_ray.model.transformer import load_transformer
+
+    transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=str(tiny.model)), torch.bfloat16, torch.device("cpu"))
+    weights = load_lora(transformer, str(tiny_loras / "style0"), "style0")
+    params = dict(transformer.named_parameters())
+    assert len(weights.state) > 0
+    for key, tensor in weights.state.items():
+        loaded = params[key.replace(".weight", ".style0.weight")]
+        assert loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu"
+        assert torch.equal(loaded, tensor.to(torch.bfloat16)), key
