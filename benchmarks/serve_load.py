@@ -12,7 +12,7 @@ full-size LongCat-Image-Edit with random bf16 weights (`--size tiny`: the CPU sm
     python -m benchmarks.serve_load [--compile] [--quantize fp8] [--concurrency 1,4,8] [--size tiny]
 
 Writes $OUT/serve_load_<card>.json with in_process_s_per_edit, http_s_per_edit, batched_vs_unbatched_8,
-p95_s_8, lora_switch_s, cold_ready_s, warm_cache_ready_s and the rows they come from.
+p95_s_8, lora_switch_s, cold_ready_s, warm_cache_ready_s (+ warm_cache_first_edit_s) and the rows they come from.
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ def main() -> None:
         result.update(lora_loaded_s=round(loaded, 3), lora_switched_s=round(switched, 3), lora_switch_s=round(switched - loaded, 3))
         serve.shutdown()
         url, result["warm_cache_ready_s"] = deploy(config, root / "inductor-new-node")
+        result["warm_cache_first_edit_s"] = round(Client(url, side).edit(0), 3)  # at steady latency if nothing compiles
         serve.shutdown()
         save()
         if not args.no_unbatched:
