@@ -195,9 +195,10 @@ WARMUP_STEPS = 2  # compiles happen in the first step; a second one shows the st
 
 def warm_up(pipe, config: ServeConfig) -> dict:
     """One edit per warm-up size at a batch of one and of `max_batch_size` (a grey source, the default guidance):
-    what compiles, compiles here. -> what was warmed and how long it took."""
+    what compiles, compiles here (by default only when something compiles). -> what was warmed and how long."""
     start = time.perf_counter()
-    shapes, batches = config.warmup_shapes(), sorted({1, config.max_batch_size})
+    compiling = config.compile and pipe.device.type == "cuda"
+    shapes, batches = config.warmup_shapes(compiling), sorted({1, config.max_batch_size})
     for width, height in shapes:
         source = Image.new("RGB", (width, height), (128, 128, 128))
         for batch in batches:

@@ -62,7 +62,8 @@ class ServeConfig(Section):
     """Output sizes (`WxH` as `validation_resolution` writes them: a list, or one string `1024x1024,768x768`; a bare
     `1024` is square; 16-px grid) each replica edits before it reports ready, at a batch of one and of
     `max_batch_size`, 2 steps, the default guidance: Serve routes nothing to a replica until then, so with `compile`
-    no request waits for a compile of those sizes. Null: the square of `default_area`; []: no warm-up."""
+    no request waits for a compile of those sizes. Null: the square of `default_area` when the replica compiles on a
+    GPU (`compile`), none otherwise (nothing would compile; on a CPU a 1024² warm-up takes minutes); []: no warm-up."""
     api_token: str | None = None
     """Bearer token for /v1/*; None reads the LONGCAT_RAY_API_TOKEN environment variable; unset = no auth."""
 
@@ -89,8 +90,11 @@ class ServeConfig(Section):
                                  f"max_side {self.max_side} (e.g. 768x768)")
         return self
 
-    def warmup_shapes(self) -> list[tuple[int, int]]:
-        """`warmup_sizes` as (width, height); null -> the square of default_area on the grid."""
+    def warmup_shapes(self, compiling: bool = True) -> list[tuple[int, int]]:
+        """`warmup_sizes` as (width, height); null -> the square of default_area on the grid if `compiling`, else
+        none."""
+        if self.warmup_sizes is None and not compiling:
+            return []
         if self.warmup_sizes is None:
             side = min(nearest_on_grid(self.default_area**0.5, SIZE_GRID), self.max_side - self.max_side % SIZE_GRID)
             return [(side, side)]

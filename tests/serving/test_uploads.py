@@ -99,4 +99,7 @@ def test_warmup_sizes(sizes, expected):
         with pytest.raises(ValidationError, match=expected):
             ServeConfig(model="m", max_side=512, warmup_sizes=sizes)
         return
-    assert ServeConfig(model="m", max_side=512, warmup_sizes=sizes).warmup_shapes() == expected
+    config = ServeConfig(model="m", max_side=512, warmup_sizes=sizes)
+    assert config.warmup_shapes() == expected
+    # nothing compiles (no GPU, or compile off): only sizes asked for are warmed
+    assert config.warmup_shapes(compiling=False) == ([] if sizes is None else expected)
