@@ -34,7 +34,8 @@ def server(ray_local, tiny, tiny_loras):
     config = ServeConfig(model=str(tiny.model), lora_root=str(tiny_loras), api_token=TOKEN, default_steps=2,
                          default_area=64 * 64, max_steps=8, max_side=256, max_upload_bytes=1_000_000,
                          max_input_pixels=1_000_000, max_batch_size=4, batch_wait_timeout_s=0.3,
-                         max_loras_per_replica=1)  # one slot: switching adapters evicts and reloads
+                         max_loras_per_replica=1,  # one slot: switching adapters evicts and reloads
+                         warmup_sizes=["64x48"])  # asked for: a CPU replica warms nothing by default
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
@@ -140,9 +141,9 @@ def test_16_concurrent_requests_are_batched(server, tiny):
 def test_health_loras_and_docs(server, tiny):
     health = requests.get(f"{server}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["auth"] is True and health["device"] == "cpu"
-    # the replica edited the default size at batches of 1 and 4 before it took a request
+    # the replica edited the size asked for at batches of 1 and 4 before it took a request
     warmup = health["warmup"]
-    assert warmup["sizes"] == ["64x64"] and warmup["batch_sizes"] == [1, 4] and warmup["seconds"] > 0, warmup
+    assert warmup["sizes"] == ["64x48"] and warmup["batch_sizes"] == [1, 4] and warmup["seconds"] > 0, warmup
     assert requests.get(f"{server}/v1/loras", timeout=30).status_code == 401
     loras = requests.get(f"{server}/v1/loras", headers=AUTH, timeout=30).json()["loras"]
     assert [entry["id"] for entry in loras] == ["lokr", "misfit", "official", "style0", "style1"]
