@@ -34,6 +34,7 @@ from ray import serve
 from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
 from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
 from longcat_ray.serving.batching import BatchQueue
+from longcat_ray.serving.body_limit import BodyLimit
 from longcat_ray.serving.compile_cache import cache_url, load_compiled, save_compiled
 from longcat_ray.serving import openai_compat as oai
 from longcat_ray.serving.config import ServeConfig
@@ -222,12 +223,21 @@ api = FastAPI(
 bearer = HTTPBearer(auto_error=False)
 
 
-def error_response(request: Request, err: RequestError) -> JSONResponse:
+def error_body(path: str, err: RequestError) -> dict:
     """A bad request in the route's own shape: OpenAI's error object on its routes, FastAPI's `detail` elsewhere."""
-    if oai.is_openai_path(request.url.path):
-        return JSONResponse(oai.error_body(err.status, err.message, err.field), status_code=err.status)
-    detail = [{"loc": ["body", err.field], "msg": err.message, "type": "request_error"}]
-    return JSONResponse({"detail": detail}, status_code=err.status)
+    if oai.is_openai_path(path):
+        return oai.error_body(err.status, err.message, err.field)
+    return {"detail": [{"loc": ["body", err.field], "msg": err.message, "type": "request_error"}]}
+
+
+def error_response(request: Request, err: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, err), status_code=err.status)
+
+
+def body_too_large(scope: dict, length: int | None, limit: int) -> tuple[int, dict]:
+    said = f"request body of {length} bytes" if length is not None else "request body (sent without a Content-Length)"
+    err = RequestError(413, "image", f"{said} is over the limit of {limit} bytes")
+    return err.status, error_body(scope.get("path", ""), err)
 
 
 @api.exception_handler(RequestError)
@@ -251,14 +261,7 @@ async def validation_error(request: Request, err: RequestValidationError) -> Res
     return error_response(request, RequestError(422, str(first["loc"][-1]), first["msg"]))
 
 
-@api.middleware("http")
-async def limit_body(request: Request, call_next):
-    """Refuse an oversized body from its Content-Length, before anything reads it."""
-    limit = getattr(api.state, "max_body", None)
-    length = request.headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit:
-        return error_response(request, RequestError(413, "image", f"request body of {length} bytes is over the limit of {limit}"))
-    return await call_next(request)
+api.add_middleware(BodyLimit, limit=lambda: getattr(api.state, "max_body", None), error=body_too_large)
 
 
 @serve.ingress(api)

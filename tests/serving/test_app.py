@@ -127,6 +127,58 @@ def test_bad_input_gets_4xx_naming_the_field(server, tiny):
     assert pixels(post_edit(server, good)).shape == (48, 64, 3)  # still serving
 
 
+def send_chunked_until_answered(url: str, path: str, total: int) -> tuple[int, bytes]:
+    """POST a multipart upload of `total` zero bytes with `Transfer-Encoding: chunked` (no Content-Length), stopping
+    as soon as the server answers or closes -> (bytes sent, the raw response)."""
+    import select
+    import time
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    sock = socket.create_connection((where.hostname, where.port))
+    head = (f"POST {path} HTTP/1.1\r\nHost: {where.hostname}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n")
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+    sock.sendall(head.encode() + b"%x\r\n%s\r\n" % (len(part), part))
+    chunk, sent = b"\0" * 65536, 0
+    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    try:
+        while sent < total:
+            readable, writable, _ = select.select([sock], [sock], [], 30)
+            if readable:
+                break
+            if writable:
+                sock.sendall(frame)
+                sent += len(chunk)
+                time.sleep(0.001)  # at most ~64 MB/s: a fast client on a slow link, not loopback's GB/s
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed after answering: the answer is still in our receive buffer
+    sock.settimeout(30)
+    response = b""
+    try:
+        while b"\r\n\r\n" not in response or len(response) < response.find(b"\r\n\r\n") + 20:
+            data = sock.recv(65536)
+            if not data:
+                break
+            response += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    return sent, response
+
+
+@pytest.mark.parametrize("path,shape", [("/v1/edit", b'"detail"'), ("/v1/images/edits", b'"error"')])
+def test_a_chunked_upload_over_the_limit_is_cut_off(server, path, shape):
+    """No Content-Length to check up front: the body is counted as it arrives and refused at the limit (1 MB
+    here), not read whole (200 MB offered, ~3 s at the client's pace), and the server keeps serving. (Serve's proxy
+    queues whatever arrives until the request ends, so a faster client gets more in before the 413.)"""
+    sent, response = send_chunked_until_answered(server, path, 200 * 2**20)
+    assert response.startswith(b"HTTP/1.1 413"), response[:300]
+    assert b"without a Content-Length" in response and shape in response, response[:600]
+    assert sent < 100 * 2**20, f"{sent} bytes were taken before the 413"
+    assert requests.get(f"{server}/healthz", timeout=30).json()["status"] == "ok"
+
+
 def test_16_concurrent_requests_are_batched(server, tiny):
     source = png_bytes(reference_image(tiny, 2))
     with ThreadPoolExecutor(16) as pool:
