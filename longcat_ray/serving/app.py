@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
 from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
@@ -396,6 +397,10 @@ class Ingress:
             return await self.model.options(multiplexed_model_id=job.lora_url or "").edit.remote(job)
         except LoraError as err:
             raise RequestError(422, "lora", str(err)) from None
+        except BackPressureError:
+            raise HTTPException(503, f"every model replica is busy and {self.config.max_queued_requests} edits are "
+                                f"waiting (max_queued_requests); retry later",
+                                headers={"Retry-After": str(self.config.retry_after_s)}) from None
 
 
 def build_app(config: ServeConfig):
@@ -405,6 +410,7 @@ def build_app(config: ServeConfig):
         name="EditModel",
         ray_actor_options={"num_gpus": config.gpus(), "num_cpus": 1},
         max_ongoing_requests=max(2 * config.max_batch_size, 8),
+        max_queued_requests=config.max_queued_requests,
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
         health_check_period_s=10,

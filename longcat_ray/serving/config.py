@@ -32,6 +32,11 @@ class ServeConfig(Section):
     """Requests of one size, step count and LoRA share a denoising batch of up to this many."""
     batch_wait_timeout_s: float = Field(0.05, ge=0)
     """How long a replica waits for a batch to fill."""
+    max_queued_requests: int = Field(64, ge=1)
+    """Edits waiting for a model replica beyond what the replicas hold (`2 * max_batch_size` each); past it a new
+    request is answered 503 with `Retry-After` at once instead of waiting without bound."""
+    retry_after_s: int = Field(10, ge=1)
+    """The `Retry-After` (seconds) of that 503."""
     max_loras_per_replica: int = Field(4, ge=1)
     """LoRAs kept loaded per replica (least recently used is unloaded first)."""
     max_upload_bytes: int = Field(20 * 2**20, ge=1024)

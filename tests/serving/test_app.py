@@ -35,7 +35,8 @@ def server(ray_local, tiny, tiny_loras):
                          default_area=64 * 64, max_steps=8, max_side=256, max_upload_bytes=1_000_000,
                          max_input_pixels=1_000_000, max_batch_size=4, batch_wait_timeout_s=0.3,
                          max_loras_per_replica=1,  # one slot: switching adapters evicts and reloads
-                         warmup_sizes=["64x48"])  # asked for: a CPU replica warms nothing by default
+                         warmup_sizes=["64x48"],  # asked for: a CPU replica warms nothing by default
+                         max_queued_requests=8)  # with the replica's 8: 16 edits at once fit, more get 503
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
@@ -177,6 +178,20 @@ def test_a_chunked_upload_over_the_limit_is_cut_off(server, path, shape):
     assert b"without a Content-Length" in response and shape in response, response[:600]
     assert sent < 100 * 2**20, f"{sent} bytes were taken before the 413"
     assert requests.get(f"{server}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_a_burst_beyond_the_queue_gets_503_with_retry_after(server, tiny):
+    """100 edits at once against room for 16 (the replica's 8 + max_queued_requests 8): the rest are refused at once
+    with 503 and Retry-After, none fails otherwise, and the server serves the next request."""
+    source = png_bytes(reference_image(tiny, 2))
+    with ThreadPoolExecutor(100) as pool:
+        responses = list(pool.map(lambda i: post_edit(server, source, seed=str(i)), range(100)))
+    codes = sorted({r.status_code for r in responses})
+    assert codes == [200, 503], codes
+    busy = [r for r in responses if r.status_code == 503]
+    assert all(r.headers["Retry-After"] == "10" and "max_queued_requests" in r.text for r in busy), busy[0].text
+    assert 16 <= sum(r.status_code == 200 for r in responses) < 100
+    assert post_edit(server, source, seed="1").status_code == 200
 
 
 def test_16_concurrent_requests_are_batched(server, tiny):
