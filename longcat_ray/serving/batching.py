@@ -2,10 +2,11 @@
 
 Serve's `@serve.batch` forms a batch as soon as `batch_wait_timeout_s` has passed after its first request and
 queues it for the model, then starts forming the next; a batch never grows while it waits. With 8 requests at once
-on an H200 (768², 40 steps, each edit ~5.6 s) their uploads reached the replica over ~1 s, so Serve cut them into
-batches of 1-2 that then ran one after another (`benchmarks/results/serve_load_batched_h200.log`). Here a request
-waits in `pending` while the model runs; when the model is free, the oldest request's group (the requests that can
-share one denoising batch) is taken whole, up to `max_batch_size`.
+on an H200 (768², 40 steps, each edit ~5.6 s) it ran batches of 2 one after another
+(`benchmarks/results/serve_load_batched_h200.log`); on the CPU, 8 concurrent 1024² uploads entered the replica over
+0.9 s and ran as batches of 1-2. Here a request waits in `pending` while the model runs; when the model is free,
+the oldest request's group (the requests that can share one denoising batch) is taken whole, up to
+`max_batch_size`.
 """
 
 from __future__ import annotations
@@ -24,24 +25,21 @@ class BatchQueue:
                  wait_s: float):
         self.run, self.key, self.max_batch_size, self.wait_s = run, key, max_batch_size, wait_s
         self.pending: list[tuple[Any, asyncio.Future]] = []
-        self.arrived = asyncio.Event()
-        self.worker: asyncio.Task | None = None
+        self.worker: asyncio.Task | None = None  # running while anything is pending
 
     async def submit(self, item: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((item, future))
-        self.arrived.set()
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self.drain())
         return await future
 
     async def drain(self) -> None:
-        while True:
-            await self.arrived.wait()
-            self.arrived.clear()
-            await asyncio.sleep(self.wait_s)  # the model was idle: let simultaneous arrivals join the first
-            while self.pending:
-                await self.run_one(self.take())
+        """Batches until nothing is pending (it ends without yielding after its last check, so an item submitted
+        later always finds it done and starts the next one)."""
+        await asyncio.sleep(self.wait_s)  # the model was idle: let simultaneous arrivals join the first
+        while self.pending:
+            await self.run_one(self.take())
 
     def take(self) -> list[tuple[Any, asyncio.Future]]:
         """The oldest live item's group, up to max_batch_size, out of `pending` (cancelled items dropped)."""
