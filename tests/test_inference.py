@@ -94,15 +94,19 @@ def test_fp8_dit_predicts_like_the_full_one_and_takes_loras(tiny, tiny_pipe, tin
         assert np.abs(np.asarray(image, np.float32) - single).max() <= 1.0
 
 
-def test_a_loaded_lora_holds_the_files_weights_where_the_base_is(tiny, tiny_loras):
-    """load_lora skips peft's random init (low_cpu_mem_usage): every adapter weight equals the file's, in the base's
-    dtype and on its device."""
+def test_a_loaded_lora_holds_the_files_weights_where_the_base_is(tiny, tiny_loras, monkeypatch):
+    """load_lora skips peft's random init (low_cpu_mem_usage: the adapter layers are made on the meta device, so
+    no initialiser touches real memory), and every adapter weight equals the file's, in the base's dtype and on its
+    device."""
     from longcat_ray.config import ModelConfig
     from longcat_ray.inference import load_lora
     from longcat_ray.model.transformer import load_transformer
 
     transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=str(tiny.model)), torch.bfloat16, torch.device("cpu"))
+    initialised, kaiming = [], torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: initialised.append(t.device.type) or kaiming(t, *a, **k))
     weights = load_lora(transformer, str(tiny_loras / "style0"), "style0")
+    assert set(initialised) <= {"meta"}, initialised
     params = dict(transformer.named_parameters())
     assert len(weights.state) > 0
     for key, tensor in weights.state.items():
