@@ -99,7 +99,8 @@ def apply_levers(pipe, quantize: str, compile: bool) -> None:
     speed_up)."""
     from longcat_ray.model.fp8 import Float8RowwiseLinear
 
-    Float8RowwiseLinear.FAST_ACCUM = quantize == "fp8-fast-accum"
+    if quantize != "none":  # a compile-only call after quantizing keeps the accumulation the layers were made with
+        Float8RowwiseLinear.FAST_ACCUM = quantize == "fp8-fast-accum"
     if quantize == "fp8-torchao":
         if torch.cuda.is_available():
             torchao_fp8(pipe.transformer)
