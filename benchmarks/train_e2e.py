@@ -41,6 +41,8 @@ ROWS: dict[str, dict] = {
     "compile": {**LEVERS_OFF, "compile": True, "gradient_checkpointing": False},
     "fast": {"compile": True, "attention": "auto", "gradient_checkpointing": False},
     "fast_fp8": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False},
+    "fast_fp8_unfused": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
+                         "gradient_checkpointing": False, "fuse_qkv": False},
     "fast_fp8_z2": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False,
                     "zero_stage": 2},
     "fast_fp8_cpp": {"compile": True, "compile_wrapper": "cpp", "attention": "auto", "base_model_precision": "fp8-matmul",

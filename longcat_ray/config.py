@@ -131,6 +131,11 @@ class TrainConfig(Section):
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""
+    fuse_qkv: bool = True
+    """Each attention's q/k/v (image and text streams) as one matmul in the training forward and backward: the
+    fp8-matmul base's three weights quantised with one scale, the LoRAs' down-projections concatenated (their
+    parameters and the exported files are unchanged). Applies with `base_model_precision: fp8-matmul` and LoRA
+    dropout 0; otherwise each projection runs alone. False: each alone, for comparison."""
     attention: Literal["auto", "cudnn", "sdpa"] = "auto"
     """Attention kernel of the training forward/backward: `cudnn` (fastest on H100/H200), `sdpa` (torch's
     choice: FlashAttention-2 on GPUs), `auto` (cudnn on Hopper or newer GPUs, else sdpa)."""

@@ -273,7 +273,7 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     budget = recompute_budget(train) if compile else None
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
             "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing(train, budget),
-            "activation_memory_budget": budget, "zero_stage": train.zero_stage}
+            "activation_memory_budget": budget, "zero_stage": train.zero_stage, "fuse_qkv": train.fuse_qkv}
 
 
 def checkpointing(train, budget: float | None) -> str:
@@ -322,7 +322,7 @@ def build_model(config: Config, levers: dict[str, Any], world: int, device: torc
     with frozen_weights_replaceable(engine):
         quantize_base(transformer, precision)
     speed_up_training(transformer, levers["attention"], levers["compile"], cpp_wrapper=levers["compile_wrapper"] == "cpp",
-                      memory_budget=budget)
+                      memory_budget=budget, fuse_qkv=levers["fuse_qkv"])
     return engine, params, scheduler
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longcat_ray.model.fp8 import SHARED_INPUT
+
 KERNELS = ("cudnn", "sdpa")  # what `resolve_backend` turns the config's auto/cudnn/sdpa into
 
 
@@ -49,11 +51,38 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "sdpa"
 
 
-class TrainingAttnProcessor:
-    """diffusers' LongCatImageAttnProcessor with the attention call replaced by `joint_attention`."""
+def vanilla_adapter(layer: torch.nn.Module):
+    """-> (lora_A, lora_B, scaling) when `layer` is a peft LoRA linear adding exactly one plain adapter without
+    dropout (what `shared_input_projections` can batch), else None."""
+    if not hasattr(layer, "lora_A") or layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1 or active[0] in layer.lora_variant or not isinstance(layer.lora_dropout[active[0]], torch.nn.Identity):
+        return None
+    return layer.lora_A[active[0]], layer.lora_B[active[0]], layer.scaling[active[0]]
 
-    def __init__(self, backend: str):
-        self.backend = backend
+
+def shared_input_projections(attn, x: torch.Tensor, names: tuple[str, ...], group_name: str, fuse: bool) -> list[torch.Tensor]:
+    """[b, L, in] through the projections `names` of `attn` -> [b, L, out] each. With `fuse` and a frozen group
+    (model/fp8.py `Float8Group`) under plain LoRAs: the bases as one matmul and the LoRAs' down-projections as one
+    ([b, L, sum r]); each up-projection alone (their inputs differ). Else each layer is called as it is."""
+    layers = [getattr(attn, name) for name in names]
+    group = getattr(attn, group_name, None) if fuse else None
+    adapters = [vanilla_adapter(layer) for layer in layers]
+    if group is None or any(adapter is None for adapter in adapters):
+        return [layer(x) for layer in layers]
+    outs = group(x)  # the frozen bases: [b, L, out_i] each
+    downs = [a.weight for a, _, _ in adapters]  # [r_i, in] each
+    h = F.linear(x.to(downs[0].dtype), torch.cat(downs)).split([w.shape[0] for w in downs], dim=-1)  # [b, L, r_i]
+    return [(out + F.linear(h_i, b.weight, b.bias) * scaling).to(out.dtype) for out, h_i, (_, b, scaling) in zip(outs, h, adapters)]
+
+
+class TrainingAttnProcessor:
+    """diffusers' LongCatImageAttnProcessor with the attention call replaced by `joint_attention`, and q/k/v
+    projected at once where `fuse` and the base allow (`shared_input_projections`)."""
+
+    def __init__(self, backend: str, fuse: bool = True):
+        self.backend, self.fuse = backend, fuse
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
@@ -62,13 +91,16 @@ class TrainingAttnProcessor:
             raise ValueError("TrainingAttnProcessor takes no attention mask (LongCat's training sequence has none) "
                              "and no fused q/k/v projections (LoRA targets the separate to_q/to_k/to_v)")
         heads = lambda t: t.unflatten(-1, (attn.heads, -1))  # noqa: E731  [b, L, h*d] -> [b, L, h, d]
-        query = attn.norm_q(heads(attn.to_q(hidden_states)))
-        key = attn.norm_k(heads(attn.to_k(hidden_states)))
-        value = heads(attn.to_v(hidden_states))
+        query, key, value = (heads(t) for t in shared_input_projections(attn, hidden_states, SHARED_INPUT["float8_qkv"],
+                                                                        "float8_qkv", self.fuse))
+        query, key = attn.norm_q(query), attn.norm_k(key)
         if attn.added_kv_proj_dim is not None:  # double block: text tokens first, then image tokens
-            query = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), key], dim=1)
-            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+            text = (heads(t) for t in shared_input_projections(attn, encoder_hidden_states, SHARED_INPUT["float8_added_qkv"],
+                                                               "float8_added_qkv", self.fuse))
+            text_query, text_key, text_value = text
+            query = torch.cat([attn.norm_added_q(text_query), query], dim=1)
+            key = torch.cat([attn.norm_added_k(text_key), key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -79,8 +111,8 @@ class TrainingAttnProcessor:
         return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
 
 
-def use_training_attention(transformer, backend: str) -> None:
-    """Every attention module of the DiT runs `TrainingAttnProcessor(backend)`."""
+def use_training_attention(transformer, backend: str, fuse: bool = True) -> None:
+    """Every attention module of the DiT runs `TrainingAttnProcessor(backend, fuse)`."""
     if backend not in KERNELS:
         raise ValueError(f"attention backend must be one of {KERNELS} (resolve `auto` first), got {backend!r}")
-    transformer.set_attn_processor(TrainingAttnProcessor(backend))
+    transformer.set_attn_processor(TrainingAttnProcessor(backend, fuse))

@@ -11,6 +11,13 @@ weight's gradient (6), re-casts the weights every step, and needs the token coun
 LoRA stays in bf16 beside it (peft calls this module as its `base_layer`). The weight is a non-persistent
 buffer: checkpoints hold no base weights, and DeepSpeed neither casts nor partitions it.
 
+Linears that read the same input — each attention's q, k and v — are quantised together, with one scale over the
+three weights (`Float8Group`), so the training attention multiplies them as one [3 x out, in] weight: the step is
+bound by the host launching ~4,600 kernels (benchmarks/RESULTS.md), and this is two matmuls and two gradient
+quantisations fewer per stream and attention, each way. One scale instead of three keeps e4m3's relative precision (3
+mantissa bits) for every weight; it changes only which small weights fall into the subnormal range (below 2^-6/448 of
+the group's largest |weight| instead of the member's own).
+
 The linears whose input is one row per sample (the blocks' modulation `norm*.linear`, 1.72 B of the DiT's 6.27 B
 weights, and the timestep embedding) gain nothing from fp8 tensor cores: they are memory-bound matrix-vector
 products. They are stored as int8 with one scale per output row (`Int8RowwiseFrozenLinear`) and dequantised for
@@ -74,10 +81,12 @@ class Float8FrozenLinear(torch.nn.Linear):
 
     ROWS = False  # one scale per tensor (weight and input); Float8RowwiseLinear: per row
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`quantized`: (weight in e4m3 [out, in], its inverse scale) made elsewhere (a `Float8Group`'s rows);
+        else the linear's weight is quantised here."""
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, inv = scale_to_float8(linear.weight.detach(), E4M3, rows=self.ROWS)  # [out, in]; [] or [out, 1]
+        weight, inv = quantized or scale_to_float8(linear.weight.detach(), E4M3, rows=self.ROWS)  # [out, in]; [] or [out, 1]
         self.register_buffer("weight_fp8", weight, persistent=False)
         self.register_buffer("weight_inv", inv.t().contiguous() if self.ROWS else inv, persistent=False)  # [1, out]
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
@@ -105,6 +114,68 @@ class Float8RowwiseLinear(Float8FrozenLinear):
         xq, x_inv = scale_to_float8(rows, E4M3, rows=True)  # [m, in], [m, 1]
         out = scaled_matmul(xq, x_inv, self.weight_fp8.t(), self.weight_inv, x.dtype, self.bias, self.FAST_ACCUM)  # [m, out]
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Float8Group(torch.nn.Module):
+    """Frozen linears that read the same input (an attention's q, k and v) as one e4m3 weight [sum of outs, in]
+    with one scale: one `_scaled_mm` (and one quantisation of the incoming gradient) instead of one each. The
+    members are `Float8FrozenLinear`s over views of its rows with the shared scale, so a member called alone
+    computes what its slice of the group computes; the group adds no memory."""
+
+    def __init__(self, linears: list[torch.nn.Linear]):
+        super().__init__()
+        self.sizes = [linear.out_features for linear in linears]
+        weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum out, in]
+        weight_fp8, inv = scale_to_float8(weight, E4M3)
+        self.register_buffer("weight_fp8", weight_fp8, persistent=False)
+        self.register_buffer("weight_inv", inv, persistent=False)
+        biases = [linear.bias for linear in linears]
+        fused_bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+        self.register_buffer("bias", fused_bias, persistent=False)
+
+    def members(self, linears: list[torch.nn.Linear]) -> list[Float8FrozenLinear]:
+        """The linears as `Float8FrozenLinear`s over this group's rows (their biases stay their own)."""
+        rows = self.weight_fp8.split(self.sizes)  # views: [out_i, in] each
+        return [Float8FrozenLinear(linear, (row, self.weight_inv)) for linear, row in zip(linears, rows)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[..., in] -> [..., out_i] per member (views of one [..., sum out] product)."""
+        return list(Float8Matmul.apply(x, self.weight_fp8, self.weight_inv, self.bias).split(self.sizes, dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, fp8 e4m3 per-tensor"
+
+
+# The attention projections that read the same input, and the name of their group on the attention module
+SHARED_INPUT = {"float8_qkv": ("to_q", "to_k", "to_v"), "float8_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def frozen_linear(layer: torch.nn.Module) -> torch.nn.Linear | None:
+    """A projection's frozen plain nn.Linear: the layer itself, or the base a peft LoRA layer wraps."""
+    base = getattr(layer, "base_layer", layer)
+    return base if type(base) is torch.nn.Linear and not base.weight.requires_grad else None
+
+
+def set_frozen_linear(layer_owner: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    layer = getattr(layer_owner, name)
+    if hasattr(layer, "base_layer"):
+        layer.base_layer = new
+    else:
+        setattr(layer_owner, name, new)
+
+
+def group_shared_inputs(model: torch.nn.Module, min_features: int) -> None:
+    """In place: each attention's q/k/v (and the text stream's) whose frozen linears all fit fp8 become the
+    members of one `Float8Group`, registered on the attention as `float8_qkv` / `float8_added_qkv`."""
+    for attn in [m for m in model.modules() if hasattr(m, "to_q")]:
+        for group_name, names in SHARED_INPUT.items():
+            linears = [frozen_linear(getattr(attn, n)) if hasattr(attn, n) else None for n in names]
+            if any(linear is None or not fits_float8(linear, min_features) for linear in linears):
+                continue
+            group = Float8Group(linears)
+            for name, member in zip(names, group.members(linears)):
+                set_frozen_linear(attn, name, member)
+            attn.add_module(group_name, group)
 
 
 def fits_float8(linear: torch.nn.Linear, min_features: int) -> bool:
@@ -155,7 +226,9 @@ def swap_frozen_linears(model: torch.nn.Module, replace) -> None:
 def convert_base(model: torch.nn.Module, min_features: int, inference: bool = False) -> None:
     """`fp8-matmul`'s frozen base, in place: the one-row-input linears (`ROW_INPUT`) as int8 per row, every other
     linear that fits (both dims >= `min_features`, multiples of 16) as fp8 matmuls (`inference`: row-wise scaled,
-    forward only, with a placeholder weight for LoRAs loaded later); the rest stay as they are."""
+    forward only, with a placeholder weight for LoRAs loaded later); the rest stay as they are. For training, each
+    attention's q/k/v share one scale and one weight (`group_shared_inputs`), which the training processor
+    multiplies at once."""
     fp8 = Float8RowwiseLinear if inference else Float8FrozenLinear
 
     def replace(fqn: str, linear: torch.nn.Linear) -> torch.nn.Module | None:
@@ -167,6 +240,8 @@ def convert_base(model: torch.nn.Module, min_features: int, inference: bool = Fa
             placeholder_weight(new, linear.weight)
         return new
 
+    if not inference:  # serving's row-wise linears are per row already; its grouping is not built
+        group_shared_inputs(model, min_features)
     swap_frozen_linears(model, replace)
 
 

@@ -84,15 +84,16 @@ def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
 
 
 def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False,
-                      memory_budget: float | None = None) -> None:
+                      memory_budget: float | None = None, fuse_qkv: bool = True) -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
     repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
     `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels);
     `cpp_wrapper`: inductor's C++ wrapper around the kernels instead of Python; `memory_budget`: the share of the
-    compiled blocks' activations kept for the backward (the partitioner recomputes the rest, cheapest FLOPs first)."""
+    compiled blocks' activations kept for the backward (the partitioner recomputes the rest, cheapest FLOPs first);
+    `fuse_qkv`: each attention's q/k/v as one matmul where the base is grouped (model/attention.py)."""
     from longcat_ray.model.attention import use_training_attention
 
-    use_training_attention(transformer, attention)
+    use_training_attention(transformer, attention, fuse_qkv)
     if compile:
         if memory_budget is not None:
             import torch._functorch.config as functorch
