@@ -162,6 +162,7 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
         "attention": row.get("attention"),
         "zero_stage": row.get("zero_stage", 1),
         "compile_wrapper": row.get("compile_wrapper", "python"),
+        "fuse_qkv": row.get("fuse_qkv", True),
         "s_per_sample": round(s, 4),
         "samples_per_s": round(1 / s, 3),
         "mfu_989": round(tflop / (s * gpus) / PEAK_TFLOPS, 3),
