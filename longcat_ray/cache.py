@@ -4,7 +4,8 @@ Per pair: the edit's VAE latents (edit dataset's `cache_dir_vae`), the reference
 dataset's `cache_dir_vae`), the prompt embedding of (instruction, reference) and, with caption dropout,
 of ("", reference) in the text cache. Each entry's name carries the sample id and a hash of the content
 (image bytes, caption), the bucket and the encoder fingerprint, so a re-run re-encodes exactly what changed.
-Each entry carries a checksum of its tensors; a corrupt or truncated one is re-encoded.
+Each entry carries a checksum of its tensors and the sample id it was written for; a corrupt, truncated or
+misplaced one is re-encoded, and training refuses it (`require_entry`).
 """
 
 from __future__ import annotations
@@ -198,8 +199,9 @@ def serialize_entry(tensors: dict[str, torch.Tensor], sample_id: str) -> bytes:
     return save_safetensors(tensors, metadata=meta)
 
 
-def parse_entry(data: bytes) -> dict[str, torch.Tensor] | None:
-    """Entry bytes -> tensors, or None when truncated, unparsable or failing its checksum."""
+def parse_entry(data: bytes, sample_id: str | None = None) -> dict[str, torch.Tensor] | None:
+    """Entry bytes -> tensors, or None when truncated, unparsable, failing its checksum, or (given `sample_id`)
+    written for another sample."""
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
@@ -208,24 +210,35 @@ def parse_entry(data: bytes) -> dict[str, torch.Tensor] | None:
         return None
     if meta.get("format") != CACHE_FORMAT or meta.get("checksum") != tensor_checksum(tensors):
         return None
+    if sample_id is not None and meta.get("sample_id") != sample_id:
+        return None
     return tensors
 
 
-def load_entry(url: str, options: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The entry's tensors, or None when missing, truncated or corrupt."""
+def load_entry(url: str, options: dict[str, Any], sample_id: str | None = None) -> dict[str, torch.Tensor] | None:
+    """The entry's tensors, or None when missing, truncated, corrupt or (given `sample_id`) another sample's."""
     try:
-        return parse_entry(read_bytes(url, options))
+        return parse_entry(read_bytes(url, options), sample_id)
     except OSError:
         return None
 
 
-def valid_entry_size(url: str, options: dict[str, Any]) -> int | None:
-    """Size in bytes of a valid entry, or None when it must be (re-)encoded."""
+def require_entry(url: str, options: dict[str, Any], sample_id: str) -> dict[str, torch.Tensor]:
+    """What training reads: `sample_id`'s entry at `url`; anything else stops the run naming the entry and the fix."""
+    entry = load_entry(url, options, sample_id)
+    if entry is None:
+        raise RuntimeError(f"cache entry {url} (sample {sample_id}) is missing, corrupt or another sample's: re-run "
+                           "`longcat-ray cache` (it re-encodes exactly those entries)")
+    return entry
+
+
+def valid_entry_size(url: str, options: dict[str, Any], sample_id: str) -> int | None:
+    """Size in bytes of `sample_id`'s valid entry, or None when it must be (re-)encoded."""
     try:
         data = read_bytes(url, options)
     except OSError:
         return None
-    return len(data) if parse_entry(data) is not None else None
+    return len(data) if parse_entry(data, sample_id) is not None else None
 
 
 # ---- stage 1 (CPU tasks): what is missing, decode, fit, VL preprocessing ----------------------------
@@ -250,7 +263,7 @@ def missing_kinds(row: dict[str, Any], plan: CachePlan) -> tuple[list[str], int]
     """-> (entry kinds to (re-)encode, bytes of the valid ones)."""
     urls, missing, valid = json.loads(row["urls"]), [], 0
     for kind, url in urls.items():
-        size = valid_entry_size(url, entry_options(kind, row, plan))
+        size = valid_entry_size(url, entry_options(kind, row, plan), row["sample_id"])
         missing += [kind] if size is None else []
         valid += size or 0
     return missing, valid

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from longcat_ray.arrays import tensor_from_bytes, tensor_to_bytes
-from longcat_ray.cache import ENTRY_KINDS, STREAM_KEYS, CachePlan, entry_tensor, load_entry
+from longcat_ray.cache import ENTRY_KINDS, STREAM_KEYS, CachePlan, entry_tensor, require_entry
 
 
 
@@ -84,9 +84,7 @@ def load_batch(row: dict[str, Any], options: dict[str, dict[str, Any]]) -> dict[
             continue
         tensors = []
         for member in members:
-            entry = load_entry(member["entries"][kind], options[kind_options_key(kind, member)])
-            if entry is None:
-                raise RuntimeError(f"cache entry {member['entries'][kind]} is missing or corrupt: re-run `longcat-ray cache`")
+            entry = require_entry(member["entries"][kind], options[kind_options_key(kind, member)], member["sample_id"])
             tensors.append(entry_tensor(kind, entry))
         out[f"{kind}_bytes"], out[f"{kind}_shape"], out[f"{kind}_dtype"] = tensor_to_bytes(torch.stack(tensors))
     return out

@@ -496,7 +496,7 @@ class TrainingLoop:
         """Every rank samples (ZeRO-3 needs all of them in each forward); rank 0 writes the grid."""
         import numpy as np
 
-        from longcat_ray.cache import entry_tensor, load_entry
+        from longcat_ray.cache import entry_tensor, require_entry
         from longcat_ray.validation import save_png, validate_cached
 
         if not hasattr(self, "vae"):
@@ -506,7 +506,7 @@ class TrainingLoop:
             self.vae = AutoencoderKL.from_pretrained(model.pretrained_model_name_or_path, subfolder="vae",
                                                      revision=model.revision, dtype=self.dtype).to(self.device).eval()
         options = self.plan.options
-        samples = [{k: entry_tensor(k, load_entry(u, options[kind_key(k, m)])) for k, u in m["entries"].items()}
+        samples = [{k: entry_tensor(k, require_entry(u, options[kind_key(k, m)], m["sample_id"])) for k, u in m["entries"].items()}
                    for m in validation_pairs(self.manifest, self.config)]
         module = self.engine.module
         module.eval()

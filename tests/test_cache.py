@@ -51,6 +51,8 @@ def damage(config, sample, kind, how):
     data = bytearray(fs.cat_file(path))
     if how == "truncate":
         data = data[: len(data) // 2]
+    elif how == "swap":  # another sample's valid entry under this one's name: right checksum, wrong sample
+        data = fs.cat_file(filesystem(entry_url(config, "edit-images/pair_0001", kind), config.data.text_cache_options)[1])
     else:
         data[-40] ^= 0xFF  # a flipped bit in the tensor bytes: parses, fails the checksum
     fs.pipe_file(path, bytes(data))
@@ -89,10 +91,11 @@ def test_cache_build_reuse_and_exact_invalidation(ray_local, data, tiny_pipe):
     (root / "data" / "edits" / "pair_0005.txt").write_text("a different instruction\n")
     damage(config, "edit-images/pair_0006", "ref", "flip")
     damage(config, "edit-images/pair_0007", "text", "truncate")
+    damage(config, "edit-images/pair_0004", "edit", "swap")
     edit_entry_5 = entry_url(config, "edit-images/pair_0005", "edit")
     mtime = os.stat(edit_entry_5).st_mtime
     again = build_cache(config, progress=False)
-    assert (again.encoded, again.reused) == (4, 4)
+    assert (again.encoded, again.reused) == (5, 3)
     assert os.stat(entry_url(config, "edit-images/pair_0005", "edit")).st_mtime == mtime
 
     # a changed resolution re-encodes exactly the pairs whose bucket changed

@@ -106,3 +106,42 @@ def test_the_stall_report_names_what_waits_for_resources(ray_local):
         assert "Free now:" in report and "Fix:" in report
     finally:
         ray.cancel(pending, force=True)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "swap"])
+def test_a_damaged_cache_entry_never_reaches_a_training_step(tmp_path, damage):
+    """`load_batch` is how every cached batch reaches training (shard_dataset maps it): an entry with a flipped byte,
+    cut short, gone, or holding another sample's tensors under a valid checksum of its own is refused with its URL
+    and the fix, never turned into tensors; the intact batch loads."""
+    import json
+
+    import torch
+
+    from longcat_ray.cache import serialize_entry
+    from longcat_ray.reader import load_batch
+
+    def write(name: str, sample_id: str, seed: int) -> str:
+        path = tmp_path / f"{name}.safetensors"
+        latents = torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(seed))
+        path.write_bytes(serialize_entry({"latents": latents}, sample_id))
+        return str(path)
+
+    member = {"sample_id": "a/0", "dataset_id": "a", "ref_dataset_id": "a",
+              "entries": {"edit": write("edit", "a/0", 0), "ref": write("ref", "a/0", 1)}}
+    other = write("other", "b/7", 2)  # a valid entry of another sample
+    row = {"index": 0, "members": json.dumps([member])}
+    options = {"a": {}, "text": {}}
+    assert json.loads(load_batch(row, options)["edit_shape"]) == [1, 16, 4, 4]  # intact: loads
+    victim = tmp_path / "edit.safetensors"
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0x01
+        victim.write_bytes(bytes(data))
+    elif damage == "truncate":
+        victim.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "delete":
+        victim.unlink()
+    else:  # a valid entry of another sample copied over this one's name (its checksum is its own, and right)
+        victim.write_bytes(open(other, "rb").read())
+    with pytest.raises(RuntimeError, match=rf"cache entry {victim} \(sample a/0\) is missing, corrupt or another sample's: re-run `longcat-ray cache`"):
+        load_batch(row, options)
