@@ -107,6 +107,22 @@ def test_cache_build_reuse_and_exact_invalidation(ray_local, data, tiny_pipe):
     after = {m["sample_id"]: (m["bucket_w"], m["bucket_h"]) for m in read_manifest(config)}
     assert changed == sum(before[k] != after[k] for k in before) > 0
 
+    # another text encoder (a fine-tuned copy): every text entry is re-encoded under its new fingerprint, no latent
+    from safetensors.torch import load_file, save_file
+
+    model = root / "model"
+    shutil.copytree(raw["--pretrained_model_name_or_path"], model)
+    weights = load_file(model / "text_encoder" / "model.safetensors")
+    weights = {k: v * 1.05 if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, model / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+    old_rows = {m["sample_id"]: m["entries"] for m in read_manifest(config)}
+    config = save(root, {**raw, "--pretrained_model_name_or_path": str(model)}, backend)
+    assert build_cache(config, progress=False).encoded == 8
+    for row in read_manifest(config):
+        old = old_rows[row["sample_id"]]
+        assert row["entries"]["text"] != old["text"] and row["entries"]["edit"] == old["edit"]
+        assert not torch.equal(load_entry(row["entries"]["text"], {})["prompt_embeds"], load_entry(old["text"], {})["prompt_embeds"])
+
 
 def test_cache_reader_shards(ray_local, data):
     root, raw, backend = data
