@@ -235,9 +235,9 @@ def error_response(request: Request, err: RequestError) -> JSONResponse:
     return JSONResponse(error_body(request.url.path, err), status_code=err.status)
 
 
-def body_too_large(scope: dict, length: int | None, limit: int) -> tuple[int, dict]:
-    said = f"request body of {length} bytes" if length is not None else "request body (sent without a Content-Length)"
-    err = RequestError(413, "image", f"{said} is over the limit of {limit} bytes")
+def body_refused(scope: dict, status: int, message: str) -> tuple[int, dict]:
+    """BodyLimit's refusals (413 over the size, 408 too slow), shaped as the route's other errors."""
+    err = RequestError(status, "image", message)
     return err.status, error_body(scope.get("path", ""), err)
 
 
@@ -262,7 +262,8 @@ async def validation_error(request: Request, err: RequestValidationError) -> Res
     return error_response(request, RequestError(422, str(first["loc"][-1]), first["msg"]))
 
 
-api.add_middleware(BodyLimit, limit=lambda: getattr(api.state, "max_body", None), error=body_too_large)
+api.add_middleware(BodyLimit, limit=lambda: getattr(api.state, "max_body", None),
+                   timeout=lambda: getattr(api.state, "upload_timeout_s", None), error=body_refused)
 
 
 @serve.ingress(api)
@@ -271,6 +272,7 @@ class Ingress:
         self.model, self.config, self.token, self.progress = model, config, config.token(), progress
         # Multipart framing adds a little to the image itself.
         api.state.max_body = config.max_upload_bytes + 64 * 1024
+        api.state.upload_timeout_s = config.upload_timeout_s
 
     def authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.token is None:

@@ -41,6 +41,9 @@ class ServeConfig(Section):
     """LoRAs kept loaded per replica (least recently used is unloaded first)."""
     max_upload_bytes: int = Field(20 * 2**20, ge=1024)
     """Largest request body accepted (413 above)."""
+    upload_timeout_s: float = Field(120, gt=0)
+    """Time a client has to send its whole request body (408 after): a slow-loris client trickling bytes would
+    otherwise hold an ingress slot without bound. 20 MB at 120 s is a 1.4 Mbit/s link."""
     max_input_pixels: int = Field(40_000_000, ge=1)
     """Largest uploaded image in pixels, checked from the header before decoding (decompression bombs: 413)."""
     max_side: int = Field(2048, ge=SIZE_GRID)

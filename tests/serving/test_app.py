@@ -36,7 +36,8 @@ def server(ray_local, tiny, tiny_loras):
                          max_input_pixels=1_000_000, max_batch_size=4, batch_wait_timeout_s=0.3,
                          max_loras_per_replica=1,  # one slot: switching adapters evicts and reloads
                          warmup_sizes=["64x48"],  # asked for: a CPU replica warms nothing by default
-                         max_queued_requests=8)  # with the replica's 8: 16 edits at once fit, more get 503
+                         max_queued_requests=8,  # with the replica's 8: 16 edits at once fit, more get 503
+                         upload_timeout_s=5)  # a body still arriving after 5 s: 408
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
@@ -178,6 +179,51 @@ def test_a_chunked_upload_over_the_limit_is_cut_off(server, path, shape):
     assert b"without a Content-Length" in response and shape in response, response[:600]
     assert sent < 100 * 2**20, f"{sent} bytes were taken before the 413"
     assert requests.get(f"{server}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_a_slow_loris_upload_is_cut_off_while_others_are_served(server, tiny):
+    """A client trickling its body (a byte every 0.3 s, never finishing) is answered 408 once upload_timeout_s (5 s)
+    has passed; meanwhile and after, other edits are served."""
+    import threading
+    import time
+    from urllib.parse import urlparse
+
+    where = urlparse(server)
+    sock = socket.create_connection((where.hostname, where.port))
+    head = (f"POST /v1/edit HTTP/1.1\r\nHost: {where.hostname}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n")
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+    sock.sendall(head.encode() + b"%x\r\n%s\r\n" % (len(part), part))  # then the file, a byte at a time
+    answer, stop = [], threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                sock.sendall(b"1\r\nx\r\n")
+            except OSError:
+                return
+            time.sleep(0.3)
+
+    def read():
+        sock.settimeout(60)
+        try:
+            answer.append(sock.recv(65536))
+        except OSError as err:
+            answer.append(repr(err).encode())
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=trickle, daemon=True), threading.Thread(target=read, daemon=True)]
+    for thread in threads:
+        thread.start()
+    source = png_bytes(reference_image(tiny, 2))
+    assert post_edit(server, source, seed="3").status_code == 200  # while the slow upload holds its request
+    threads[1].join(timeout=60)
+    stop.set()
+    took = time.monotonic() - started
+    sock.close()
+    assert answer and answer[0].startswith(b"HTTP/1.1 408"), answer
+    assert b"upload_timeout_s" in answer[0] and 4.5 < took < 30, (took, answer[0][:400])
+    assert post_edit(server, source, seed="4").status_code == 200
 
 
 def test_a_burst_beyond_the_queue_gets_503_with_retry_after(server, tiny):
