@@ -34,15 +34,27 @@ def candidate_names(lora_id: str) -> list[str]:
     return [join(lora_id, LORA_FILE), join(lora_id, PEFT_WEIGHTS), f"{lora_id.removesuffix('.safetensors')}.safetensors"]
 
 
-def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> str:
-    """id -> URL of its safetensors file under root; RequestError 404 if there is none."""
+def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> tuple[str, str]:
+    """id -> (URL of its safetensors file under root, its version: modification time and size, or the object's ETag);
+    RequestError 404 if there is none. A file replaced under the same id is a new version, loaded afresh."""
     check_lora_id(lora_id)
     if root:
         fs, path = filesystem(root, options)
         for name in candidate_names(lora_id):
-            if fs.isfile(join(path, name)):
-                return join(root, name)
+            try:
+                info = fs.info(join(path, name))
+            except (FileNotFoundError, OSError):
+                continue
+            if info.get("type") == "file":
+                return join(root, name), file_version(info)
     raise RequestError(404, "lora", f"no adapter {lora_id!r} under the adapter root; GET /v1/loras lists them")
+
+
+def file_version(info: dict[str, Any]) -> str:
+    """What changes when a file is replaced, from fsspec's info: local mtime and inode, S3's ETag and
+    LastModified, and the size."""
+    stamp = info.get("mtime_ns") or info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    return f"{stamp}|{info.get('ino', '')}|{info.get('ETag') or info.get('etag') or ''}|{info.get('size')}"
 
 
 def list_loras(root: str | None, options: dict[str, Any]) -> list[dict[str, Any]]:

@@ -52,12 +52,19 @@ class EditJob:
     request: EditRequest
     lora: str | None = None
     lora_url: str | None = None
+    lora_version: str = ""
+    """The adapter file's version (adapters.file_version) when the request was checked."""
     lora_scale: float = 1.0
     request_id: str | None = None
     """The client's id for GET /v1/progress/{id}."""
 
+    @property
+    def adapter_key(self) -> str:
+        """Which adapter file, in which version: the replicas' adapter cache and routing key ("" for the base)."""
+        return f"{self.lora_url}#{self.lora_version}" if self.lora_url else ""
+
     def group(self) -> tuple:
-        return (self.lora or "", self.lora_scale, *batch_key(self.request))
+        return (self.adapter_key, self.lora_scale, *batch_key(self.request))
 
 
 @dataclass
@@ -119,8 +126,8 @@ class EditModel:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="longcat-model")
         self.fatal: str | None = None
 
-        async def load(url: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
-            return await self._load(url)
+        async def load(key: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
+            return await self._load(key)
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras_per_replica)(load)
         self.queue = BatchQueue(self.run_group, key=EditJob.group, max_batch_size=config.max_batch_size,
@@ -131,9 +138,11 @@ class EditModel:
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args)
 
-    async def _load(self, url: str) -> LoadedAdapter:
-        name = "lora_" + hashlib.sha1(url.encode()).hexdigest()[:16]
-        await asyncio.wrap_future(self.submit(self.load_adapter, url, name))
+    async def _load(self, key: str) -> LoadedAdapter:
+        """`key`: EditJob.adapter_key (the URL and the file's version: a replaced file loads as a new adapter, and
+        the old one leaves the cache as the least recently used)."""
+        name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+        await asyncio.wrap_future(self.submit(self.load_adapter, key.rsplit("#", 1)[0], name))
         return LoadedAdapter(self, name)
 
     def load_adapter(self, url: str, name: str) -> None:
@@ -150,7 +159,7 @@ class EditModel:
     async def run_group(self, jobs: list[EditJob]) -> list[EditResult]:
         """Jobs of one (LoRA, size, steps, CFG) group -> one denoising batch."""
         try:
-            adapter = await self.get_adapter(jobs[0].lora_url) if jobs[0].lora_url else None
+            adapter = await self.get_adapter(jobs[0].adapter_key) if jobs[0].lora_url else None
             start = time.perf_counter()
             images = await asyncio.wrap_future(self.submit(self.edit_group, adapter, jobs))
         except Exception as err:
@@ -331,10 +340,11 @@ class Ingress:
     async def make_job(self, image: UploadFile, lora: str | None, lora_scale: float, **fields) -> EditJob:
         """An upload and form fields -> the checked job (RequestError naming the first bad field)."""
         check_range("lora_scale", lora_scale, 0, 2)
-        lora_url = find_lora(self.config.lora_root, lora, self.config.lora_storage_options) if lora else None
+        lora_url, version = find_lora(self.config.lora_root, lora, self.config.lora_storage_options) if lora else (None, "")
         source = decode_upload(await image.read(self.config.max_upload_bytes + 1), self.config)
         request = build_request(source, self.config, **fields)
-        return EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_scale=lora_scale)
+        return EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_version=version,
+                       lora_scale=lora_scale)
 
     @api.get("/v1/progress/{request_id}")
     async def progress_of(self, request_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
@@ -396,7 +406,7 @@ class Ingress:
         from longcat_ray.inference import LoraError
 
         try:
-            return await self.model.options(multiplexed_model_id=job.lora_url or "").edit.remote(job)
+            return await self.model.options(multiplexed_model_id=job.adapter_key).edit.remote(job)
         except LoraError as err:
             raise RequestError(422, "lora", str(err)) from None
         except BackPressureError:

@@ -78,6 +78,26 @@ def test_loras_per_request(server, tiny):
     assert response.headers["X-Seed"] == "4" and np.abs(pixels(response) - base).max() > 10
 
 
+
+def test_an_adapter_replaced_under_its_id_is_served_in_its_new_version(server, tiny, tiny_loras):
+    """A LoRA file overwritten in the adapter root (a retrained export under the same id) is loaded afresh on the next
+    request, not served from the replica's adapter cache."""
+    import os
+    import shutil
+
+    source = png_bytes(reference_image(tiny))
+    style0, style1 = (pixels(post_edit(server, source, lora=lora)) for lora in ("style0", "style1"))
+    swap = tiny_loras / "swap.safetensors"
+    try:
+        shutil.copyfile(tiny_loras / "style1.safetensors", swap)
+        assert np.abs(pixels(post_edit(server, source, lora="swap")) - style1).max() <= 1
+        shutil.copyfile(tiny_loras / "style0" / "pytorch_lora_weights.safetensors", f"{swap}.new")
+        os.replace(f"{swap}.new", swap)  # as an export lands: written beside, renamed over
+        assert np.abs(pixels(post_edit(server, source, lora="swap")) - style0).max() <= 1
+    finally:
+        swap.unlink(missing_ok=True)
+
+
 def bad_requests(tiny) -> list[tuple[str, dict, int, str]]:
     """(what, request kwargs, status, field): every kind of bad input of the issue."""
     good = png_bytes(reference_image(tiny))

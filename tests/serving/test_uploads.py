@@ -75,9 +75,9 @@ def test_adapters_under_the_root(tiny_loras):
     assert sorted(listed) == ["lokr", "misfit", "official", "style0", "style1"]  # pickles are never offered
     assert (listed["official"]["layout"], listed["style0"]["layout"]) == ("peft", "diffusers")
     assert "LyCORIS LoKr" in listed["lokr"]["error"] and "layout" not in listed["lokr"]  # marked, with the reason
-    assert find_lora(str(tiny_loras), "official", {}).endswith("official/adapter_model.safetensors")
-    assert find_lora(str(tiny_loras), "style0", {}).endswith("style0/pytorch_lora_weights.safetensors")
-    assert find_lora(str(tiny_loras), "style1", {}).endswith("style1.safetensors")
+    assert find_lora(str(tiny_loras), "official", {})[0].endswith("official/adapter_model.safetensors")
+    assert find_lora(str(tiny_loras), "style0", {})[0].endswith("style0/pytorch_lora_weights.safetensors")
+    assert find_lora(str(tiny_loras), "style1", {})[0].endswith("style1.safetensors")
     for missing in ("pickled", "nope"):
         with pytest.raises(RequestError) as err:
             find_lora(str(tiny_loras), missing, {})
