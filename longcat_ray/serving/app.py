@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
@@ -413,6 +414,10 @@ class Ingress:
             raise HTTPException(503, f"every model replica is busy and {self.config.max_queued_requests} edits are "
                                 f"waiting (max_queued_requests); retry later",
                                 headers={"Retry-After": str(self.config.retry_after_s)}) from None
+        except (RayActorError, ActorUnavailableError):
+            # the replica process died or was cut off with this edit on it; Serve starts a new one
+            raise HTTPException(503, "the model replica running this edit stopped before it finished (Serve is "
+                                "replacing it); retry later", headers={"Retry-After": str(self.config.retry_after_s)}) from None
 
 
 def build_app(config: ServeConfig):

@@ -426,3 +426,38 @@ def test_the_openai_client_raises_its_matching_error_naming_the_param(server, ti
             if type(err) is not error or body.get("param") != param or not body.get("message"):
                 wrong.append(f"{what}: {type(err).__name__} {err.status_code} {body}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_replica_killed_mid_request_answers_503_and_is_replaced(server, tiny):
+    """SIGKILL of the model replica while edits run on it: those edits get 503 with Retry-After and a sentence (not a
+    500 with Ray's traceback), none any other error; Serve starts a new replica, which serves the next edit. (Last in
+    this module: it replaces the module's replica.)"""
+    import signal
+    import time
+
+    import psutil
+
+    def replicas() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"])
+                if "ServeReplica:longcat-ray:EditModel" in " ".join(p.info["cmdline"] or [])]
+
+    victim = replicas()
+    assert len(victim) == 1, victim
+    source = png_bytes(reference_image(tiny, 2))
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(post_edit, server, source, seed=str(i), num_inference_steps="8") for i in range(16)]
+        time.sleep(1.0)  # the first batches are running on the replica
+        victim[0].send_signal(signal.SIGKILL)
+        responses = [f.result() for f in futures]
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    died = [r for r in responses if r.status_code == 503]
+    assert all(r.headers["Retry-After"] == "10" and "model replica running this edit stopped" in r.text for r in died), died[0].text
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        answer = post_edit(server, source, seed="9")
+        if answer.status_code == 200:
+            break
+        time.sleep(2)
+    assert answer.status_code == 200, answer.text
+    assert replicas() and replicas()[0].pid != victim[0].pid
