@@ -2,6 +2,7 @@
 
 import logging
 import os
+import warnings
 
 
 def _quiet_known_noise() -> None:
@@ -10,11 +11,15 @@ def _quiet_known_noise() -> None:
     - torch.utils._pytree: torchao 0.18 registers its enums the deprecated way when it is imported
       ("... is an Enum subclass ... Calling register_constant() on Enum subclasses is deprecated").
     - diffusers' torchao quantizer: "Unable to import `torchao` Tensor objects" (diffusers 0.42 looks for classes
-      torchao 0.18 moved; only checkpoints serialized by torchao would need them, and none is loaded here)."""
+      torchao 0.18 moved; only checkpoints serialized by torchao would need them, and none is loaded here).
+    - torch.distributed: "`torch.distributed.all_gather_into_tensor` is deprecated" (a FutureWarning DeepSpeed 0.19's
+      ZeRO-1/2 step triggers on every training worker; the call is DeepSpeed's, not ours)."""
     if os.environ.get("LONGCAT_RAY_VERBOSE"):
         return
     for name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 _quiet_known_noise()

@@ -46,8 +46,27 @@ echo "== 6. serve the trained LoRA (Ray Serve) and edit one image over HTTP with
 PORT=${PORT:-8000}
 $CLI serve --model "$DEMO/model" --lora-root "$DEMO" --port "$PORT" > "$DEMO/serve.log" 2>&1 &
 SERVER=$!
+disown "$SERVER"  # its kill at the end is expected: no "Killed" line
 $PY scripts/http_edit.py --url "http://127.0.0.1:$PORT" --wait 240 --image "$DEMO/data/refs/pair_0001.png" \
   --prompt "swap the red and blue colours" --lora output --steps 4 --size 128x128 --output "$DEMO/served-edit.png"
 echo "server log: $DEMO/serve.log (page: http://127.0.0.1:$PORT/ while it runs)"
 
-echo "demo finished in $(( $(date +%s) - STARTED )) s: everything is under $DEMO"
+GRID=$(ls "$DEMO"/output/validation/step_*.png 2>/dev/null | tail -1)
+cat <<SUMMARY
+
+== what the demo built (in $(( $(date +%s) - STARTED )) s), all under $DEMO
+  model        $DEMO/model                  tiny random-init LongCat-Image-Edit pipeline (the real one's layout)
+  data+config  $DEMO/data, $DEMO/config     12 edit/reference pairs; SimpleTuner config.json + multidatabackend.json
+  cache        $DEMO/cache                  VAE latents + VL prompt embeddings, checksummed; manifest beside them
+  LoRA         $DEMO/output/pytorch_lora_weights.safetensors  (diffusers keys; PEFT folder in $DEMO/output/adapter)
+  validation   ${GRID:-$DEMO/output/validation (none: validation_steps was 0)}
+  logs         $DEMO/output/logs            losses, samples per rank, TensorBoard
+  edits        $DEMO/edit.png (CLI), $DEMO/served-edit.png (over HTTP with the LoRA)
+
+== the same with real weights on a GPU cluster (README: "Running on a Ray cluster")
+  in config/config.json set "--pretrained_model_name_or_path": "meituan-longcat/LongCat-Image-Edit" (or a local
+  copy) and point multidatabackend.json at your pairs (local or s3://); then, from the repository root:
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/cache.py --config config/config.json
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config config/config.json
+    serve deploy serve/config.yaml    # after setting its lora_root to where your output_dirs are (args: every ServeConfig key)
+SUMMARY

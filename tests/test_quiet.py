@@ -6,8 +6,14 @@ import subprocess
 import sys
 
 # what the training worker and the pipeline loader import (torchao through diffusers' quantizers)
-IMPORTS = "import longcat_ray.training, diffusers.quantizers.torchao.torchao_quantizer"
-NOISE = ("register_constant() on Enum subclasses is deprecated", "Unable to import `torchao` Tensor objects")
+IMPORTS = ("import longcat_ray.training, diffusers.quantizers.torchao.torchao_quantizer\n"
+           # DeepSpeed's ZeRO step gathers with this call on every training worker
+           "import torch, torch.distributed as dist\n"
+           "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+           "dist.all_gather_into_tensor(torch.zeros(2), torch.zeros(2))\n"
+           "dist.destroy_process_group()")
+NOISE = ("register_constant() on Enum subclasses is deprecated", "Unable to import `torchao` Tensor objects",
+         "`torch.distributed.all_gather_into_tensor` is deprecated")
 
 
 def imported(verbose: bool) -> str:
