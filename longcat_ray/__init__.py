@@ -13,13 +13,23 @@ def _quiet_known_noise() -> None:
     - diffusers' torchao quantizer: "Unable to import `torchao` Tensor objects" (diffusers 0.42 looks for classes
       torchao 0.18 moved; only checkpoints serialized by torchao would need them, and none is loaded here).
     - torch.distributed: "`torch.distributed.all_gather_into_tensor` is deprecated" (a FutureWarning DeepSpeed 0.19's
-      ZeRO-1/2 step triggers on every training worker; the call is DeepSpeed's, not ours)."""
+      ZeRO-1/2 step triggers on every training worker; the call is DeepSpeed's, not ours).
+    - DeepSpeed's "Setting accelerator to CPU" (every CPU process that imports it: the CPU is what we asked for) and
+      "ZeRO with an untested optimizer" (we hand it torch's AdamW on purpose: DESIGN.md §4); its other warnings show.
+    - Ray Data's "Progress bars disabled" (the CLI turns them off for its own progress output)."""
     if os.environ.get("LONGCAT_RAY_VERBOSE"):
         return
     for name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    drop_messages("DeepSpeed", ("Setting accelerator to CPU", "**** You are using ZeRO with an untested optimizer"))
+    drop_messages("ray.data._internal.progress", ("Progress bars disabled",))
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+
+
+def drop_messages(logger: str, starts: tuple[str, ...]) -> None:
+    """Records of `logger` whose message starts with one of `starts` are dropped; the logger's others pass."""
+    logging.getLogger(logger).addFilter(lambda record: not str(record.msg).startswith(starts))
 
 
 _quiet_known_noise()

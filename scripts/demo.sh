@@ -11,9 +11,12 @@ STARTED=$(date +%s)
 echo "== 0. one local Ray for every stage (each command joins it through RAY_ADDRESS; token auth, as a cluster has)"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DEMO/ray-token"
 $PY -c "import secrets; print(secrets.token_hex(32), end='')" > "$RAY_AUTH_TOKEN_PATH"
-GCS_PORT=$($PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+free_port() { $PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+GCS_PORT=$(free_port)
+# with its dashboard: Ray Train's placement-group cleaner asks the state API, which the dashboard serves (without it
+# the cleaner logs "Failed to query Ray Train Controller actor state" every few seconds)
 "$(dirname "$PY")/ray" start --head --port "$GCS_PORT" --node-ip-address 127.0.0.1 --num-cpus 4 \
-  --include-dashboard false --temp-dir "$DEMO/ray" --disable-usage-stats > "$DEMO/ray-start.log" 2>&1
+  --dashboard-host 127.0.0.1 --dashboard-port "$(free_port)" --dashboard-agent-listen-port "$(free_port)" --temp-dir "$DEMO/ray" --disable-usage-stats > "$DEMO/ray-start.log" 2>&1
 export RAY_ADDRESS="127.0.0.1:$GCS_PORT"
 # At the end: stage 6's server and only this demo's Ray (`ray stop` would stop any other Ray on the machine too);
 # the whole cluster goes, so the server needs no graceful Serve shutdown (that alone took ~40 s here)

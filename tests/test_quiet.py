@@ -11,9 +11,13 @@ IMPORTS = ("import longcat_ray.training, diffusers.quantizers.torchao.torchao_qu
            "import torch, torch.distributed as dist\n"
            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
            "dist.all_gather_into_tensor(torch.zeros(2), torch.zeros(2))\n"
-           "dist.destroy_process_group()")
+           "dist.destroy_process_group()\n"
+           # what a CPU training worker's engine logs (DeepSpeed's own logger)
+           "from deepspeed.utils import logger\n"
+           "logger.warning('**** You are using ZeRO with an untested optimizer, proceed with caution *****')")
 NOISE = ("register_constant() on Enum subclasses is deprecated", "Unable to import `torchao` Tensor objects",
-         "`torch.distributed.all_gather_into_tensor` is deprecated")
+         "`torch.distributed.all_gather_into_tensor` is deprecated", "Setting accelerator to CPU",
+         "You are using ZeRO with an untested optimizer")
 
 
 def imported(verbose: bool) -> str:
