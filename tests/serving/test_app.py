@@ -224,12 +224,15 @@ def test_a_slow_loris_upload_is_cut_off_while_others_are_served(server, tiny):
                 return
             time.sleep(0.3)
 
-    def read():
+    def read():  # the whole answer: the server closes the connection after it
         sock.settimeout(60)
+        data = b""
         try:
-            answer.append(sock.recv(65536))
+            while chunk := sock.recv(65536):
+                data += chunk
         except OSError as err:
-            answer.append(repr(err).encode())
+            data += repr(err).encode()
+        answer.append(data)
 
     started = time.monotonic()
     threads = [threading.Thread(target=trickle, daemon=True), threading.Thread(target=read, daemon=True)]
