@@ -114,6 +114,7 @@ def test_a_damaged_cache_entry_never_reaches_a_training_step(tmp_path, damage):
     cut short, gone, or holding another sample's tensors under a valid checksum of its own is refused with its URL
     and the fix, never turned into tensors; the intact batch loads."""
     import json
+    from pathlib import Path
 
     import torch
 
@@ -142,6 +143,6 @@ def test_a_damaged_cache_entry_never_reaches_a_training_step(tmp_path, damage):
     elif damage == "delete":
         victim.unlink()
     else:  # a valid entry of another sample copied over this one's name (its checksum is its own, and right)
-        victim.write_bytes(open(other, "rb").read())
+        victim.write_bytes(Path(other).read_bytes())
     with pytest.raises(RuntimeError, match=rf"cache entry {victim} \(sample a/0\) is missing, corrupt or another sample's: re-run `longcat-ray cache`"):
         load_batch(row, options)

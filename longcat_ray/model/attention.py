@@ -62,13 +62,14 @@ def vanilla_adapter(layer: torch.nn.Module):
     return layer.lora_A[active[0]], layer.lora_B[active[0]], layer.scaling[active[0]]
 
 
-def shared_input_projections(attn, x: torch.Tensor, names: tuple[str, ...], group_name: str, fuse: bool) -> list[torch.Tensor]:
-    """[b, L, in] through the projections `names` of `attn` -> [b, L, out] each. With `fuse` and a frozen group
-    (model/fp8.py `Float8Group`) under plain LoRAs: the bases as one matmul and the LoRAs' down-projections as one
-    ([b, L, sum r]); each up-projection alone (their inputs differ). Else each layer is called as it is."""
-    layers = [getattr(attn, name) for name in names]
+def shared_input_projections(attn, x: torch.Tensor, group_name: str, fuse: bool) -> list[torch.Tensor]:
+    """[b, L, in] through `attn`'s projections of `group_name` (model/fp8.py SHARED_INPUT) -> [b, L, out] each. With
+    `fuse` and the frozen group built (`Float8Group`) under plain LoRAs: the bases as one matmul and the LoRAs'
+    down-projections as one ([b, L, sum r]); each up-projection alone (their inputs differ). Else each layer is
+    called as it is."""
+    layers = [getattr(attn, name) for name in SHARED_INPUT[group_name]]
     group = getattr(attn, group_name, None) if fuse else None
-    adapters = [vanilla_adapter(layer) for layer in layers]
+    adapters = [vanilla_adapter(layer) for layer in layers] if group is not None else []
     if group is None or any(adapter is None for adapter in adapters):
         return [layer(x) for layer in layers]
     outs = group(x)  # the frozen bases: [b, L, out_i] each
@@ -91,13 +92,11 @@ class TrainingAttnProcessor:
             raise ValueError("TrainingAttnProcessor takes no attention mask (LongCat's training sequence has none) "
                              "and no fused q/k/v projections (LoRA targets the separate to_q/to_k/to_v)")
         heads = lambda t: t.unflatten(-1, (attn.heads, -1))  # noqa: E731  [b, L, h*d] -> [b, L, h, d]
-        query, key, value = (heads(t) for t in shared_input_projections(attn, hidden_states, SHARED_INPUT["float8_qkv"],
-                                                                        "float8_qkv", self.fuse))
+        query, key, value = (heads(t) for t in shared_input_projections(attn, hidden_states, "float8_qkv", self.fuse))
         query, key = attn.norm_q(query), attn.norm_k(key)
         if attn.added_kv_proj_dim is not None:  # double block: text tokens first, then image tokens
-            text = (heads(t) for t in shared_input_projections(attn, encoder_hidden_states, SHARED_INPUT["float8_added_qkv"],
-                                                               "float8_added_qkv", self.fuse))
-            text_query, text_key, text_value = text
+            text_query, text_key, text_value = (
+                heads(t) for t in shared_input_projections(attn, encoder_hidden_states, "float8_added_qkv", self.fuse))
             query = torch.cat([attn.norm_added_q(text_query), query], dim=1)
             key = torch.cat([attn.norm_added_k(text_key), key], dim=1)
             value = torch.cat([text_value, value], dim=1)

@@ -13,8 +13,8 @@ buffer: checkpoints hold no base weights, and DeepSpeed neither casts nor partit
 
 Linears that read the same input — each attention's q, k and v — are quantised together, with one scale over the
 three weights (`Float8Group`), so the training attention multiplies them as one [3 x out, in] weight: the step is
-bound by the host launching ~4,600 kernels (benchmarks/RESULTS.md), and this is two matmuls and two gradient
-quantisations fewer per stream and attention, each way. One scale instead of three keeps e4m3's relative precision (3
+bound by the host launching ~4,600 kernels (benchmarks/RESULTS.md), and this is two `_scaled_mm` fewer per stream
+and attention each way, and two gradient quantisations fewer in the backward. One scale instead of three keeps e4m3's relative precision (3
 mantissa bits) for every weight; it changes only which small weights fall into the subnormal range (below 2^-6/448 of
 the group's largest |weight| instead of the member's own).
 
@@ -130,7 +130,8 @@ class Float8Group(torch.nn.Module):
         self.register_buffer("weight_fp8", weight_fp8, persistent=False)
         self.register_buffer("weight_inv", inv, persistent=False)
         biases = [linear.bias for linear in linears]
-        fused_bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+        fused_bias = None if all(b is None for b in biases) else torch.cat(  # a member without one adds zeros
+            [weight.new_zeros(n) if b is None else b.detach() for b, n in zip(biases, self.sizes)])
         self.register_buffer("bias", fused_bias, persistent=False)
 
     def members(self, linears: list[torch.nn.Linear]) -> list[Float8FrozenLinear]:
@@ -150,10 +151,15 @@ class Float8Group(torch.nn.Module):
 SHARED_INPUT = {"float8_qkv": ("to_q", "to_k", "to_v"), "float8_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
+def is_frozen_linear(module: torch.nn.Module) -> bool:
+    """A plain nn.Linear whose weight does not train (the base's; LoRA's train)."""
+    return type(module) is torch.nn.Linear and not module.weight.requires_grad
+
+
 def frozen_linear(layer: torch.nn.Module) -> torch.nn.Linear | None:
     """A projection's frozen plain nn.Linear: the layer itself, or the base a peft LoRA layer wraps."""
     base = getattr(layer, "base_layer", layer)
-    return base if type(base) is torch.nn.Linear and not base.weight.requires_grad else None
+    return base if is_frozen_linear(base) else None
 
 
 def set_frozen_linear(layer_owner: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
@@ -216,7 +222,7 @@ def swap_frozen_linears(model: torch.nn.Module, replace) -> None:
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             fqn = f"{name}.{child_name}" if name else child_name
-            if type(child) is not torch.nn.Linear or "lora_" in fqn or child.weight.requires_grad:
+            if not is_frozen_linear(child) or "lora_" in fqn:
                 continue
             new = replace(fqn, child)
             if new is not None:

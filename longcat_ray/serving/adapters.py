@@ -35,7 +35,7 @@ def candidate_names(lora_id: str) -> list[str]:
 
 
 def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> tuple[str, str]:
-    """id -> (URL of its safetensors file under root, its version: modification time and size, or the object's ETag);
+    """id -> (URL of its safetensors file under root, its version: `file_version`);
     RequestError 404 if there is none. A file replaced under the same id is a new version, loaded afresh."""
     check_lora_id(lora_id)
     if root:
@@ -43,7 +43,7 @@ def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> tuple[
         for name in candidate_names(lora_id):
             try:
                 info = fs.info(join(path, name))
-            except (FileNotFoundError, OSError):
+            except OSError:  # not there (FileNotFoundError) or unreadable: the next layout
                 continue
             if info.get("type") == "file":
                 return join(root, name), file_version(info)
@@ -53,7 +53,7 @@ def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> tuple[
 def file_version(info: dict[str, Any]) -> str:
     """What changes when a file is replaced, from fsspec's info: local mtime and inode, S3's ETag and
     LastModified, and the size."""
-    stamp = info.get("mtime_ns") or info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    stamp = info.get("mtime") or info.get("LastModified") or ""
     return f"{stamp}|{info.get('ino', '')}|{info.get('ETag') or info.get('etag') or ''}|{info.get('size')}"
 
 

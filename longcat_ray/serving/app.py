@@ -160,7 +160,7 @@ class EditModel:
     async def run_group(self, jobs: list[EditJob]) -> list[EditResult]:
         """Jobs of one (LoRA, size, steps, CFG) group -> one denoising batch."""
         try:
-            adapter = await self.get_adapter(jobs[0].adapter_key) if jobs[0].lora_url else None
+            adapter = await self.get_adapter(jobs[0].adapter_key) if jobs[0].adapter_key else None
             start = time.perf_counter()
             images = await asyncio.wrap_future(self.submit(self.edit_group, adapter, jobs))
         except Exception as err:

@@ -104,6 +104,19 @@ def test_fused_qkv_keeps_the_maths(tiny, monkeypatch):
     assert cosine(params, plain) > 0.9999
 
 
+def test_a_float8_group_keeps_each_members_bias():
+    """The group's one product equals its members' own (views of its rows, its scale), a member without a bias
+    included: the group adds zeros for it instead of dropping every member's bias."""
+    from longcat_ray.model.fp8 import Float8Group
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(32, 16), torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 32)]
+    group = Float8Group(linears)
+    x = torch.randn(2, 5, 32)
+    for together, member in zip(group(x), group.members(linears)):
+        torch.testing.assert_close(together, member(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_lora_down_projections_are_exact(tiny):
     """The fused processor's LoRA part alone: with an exact (unquantised) group of the bases, every loss and LoRA
     gradient equals calling each peft layer alone."""
