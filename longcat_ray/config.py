@@ -128,6 +128,12 @@ class TrainConfig(Section):
     """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper (set process-wide, which avoids
     pytorch#178845). On an H200 it ran at the Python wrapper's speed (0.2098 s/sample both) with a cold compile of
     ~155 s instead of ~70 s (benchmarks/RESULTS.md), so `python` stays the default."""
+    cuda_graphs: bool = False
+    """Replay each compiled block's forward and backward as CUDA graphs (torch.compile's `reduce-overhead`, one
+    graph tree per worker, a new step each micro-step): the host launches one graph per block instead of its
+    ~150 kernels, which is what bounds the step on an H100/H200 at batch 1 (benchmarks/RESULTS.md). Needs `compile`
+    and a GPU (ignored on CPU). Each new bucket shape records its graphs once (a few seconds); their memory comes
+    from one pool shared by every shape, as one step's activations."""
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""
@@ -625,6 +631,10 @@ def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list
         problems.append(f"{source}: key 'activation_memory_budget': the compiler chooses what to recompute, and {why} "
                         "turns compile off. Fix: remove \"activation_memory_budget\" (\"gradient_checkpointing\" "
                         "then recomputes whole blocks), or turn compile on.")
+    if train.cuda_graphs and (train.compile is False or precision in WEIGHT_ONLY):
+        why = "\"compile\": false" if train.compile is False else f"the '{precision}' base, which does not compile"
+        problems.append(f"{source}: key 'cuda_graphs': CUDA graphs replay the compiled blocks, and {why} turns "
+                        "compile off. Fix: remove \"cuda_graphs\", or turn compile on.")
     return problems
 
 

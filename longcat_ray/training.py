@@ -273,7 +273,8 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     budget = recompute_budget(train) if compile else None
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
             "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing(train, budget),
-            "activation_memory_budget": budget, "zero_stage": train.zero_stage, "fuse_qkv": train.fuse_qkv}
+            "activation_memory_budget": budget, "zero_stage": train.zero_stage, "fuse_qkv": train.fuse_qkv,
+            "cuda_graphs": train.cuda_graphs and compile and device.type == "cuda"}
 
 
 def checkpointing(train, budget: float | None) -> str:
@@ -322,7 +323,7 @@ def build_model(config: Config, levers: dict[str, Any], world: int, device: torc
     with frozen_weights_replaceable(engine):
         quantize_base(transformer, precision)
     speed_up_training(transformer, levers["attention"], levers["compile"], cpp_wrapper=levers["compile_wrapper"] == "cpp",
-                      memory_budget=budget, fuse_qkv=levers["fuse_qkv"])
+                      memory_budget=budget, fuse_qkv=levers["fuse_qkv"], cuda_graphs=levers["cuda_graphs"])
     return engine, params, scheduler
 
 
@@ -378,6 +379,7 @@ class TrainingLoop:
         train = self.config.train
         per_epoch = len(plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, 0)[self.rank])
         self.writer, self.window, self.last = self.open_logs(), Window(), {}
+        self.graphs = resolved_levers(self.config, self.device)["cuda_graphs"]
         self.profiler = StepProfiler(train.profile_steps if self.rank == 0 else None, self.device, self.log_dir())
         self.setup_s = time.perf_counter() - self.started
         self.setup_peak_gib = 0.0
@@ -436,6 +438,8 @@ class TrainingLoop:
         from longcat_ray.model.loss import flow_matching_loss, to_device
 
         move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
+        if self.graphs:  # a new generation of the graph tree: the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with record_function("lcr:forward"):  # phases named in a profile's trace (StepProfiler)
             loss = flow_matching_loss(self.engine, move(inputs["edit"]), move(inputs["ref"]), move(inputs["text"]), inputs)
         with record_function("lcr:backward"):
@@ -510,7 +514,9 @@ class TrainingLoop:
                    for m in validation_pairs(self.manifest, self.config)]
         module = self.engine.module
         module.eval()
-        grid = validate_cached(module, self.vae, samples, self.config)
+        # with CUDA graphs the compiled blocks replay a training step's tree; validation runs them eagerly instead
+        with torch.compiler.set_stance("force_eager" if self.graphs else "default"):
+            grid = validate_cached(module, self.vae, samples, self.config)
         module.train()
         if self.rank == 0:
             url = join(self.config.train.output_dir, "validation", f"step_{self.state.step:06d}.png")

@@ -89,6 +89,8 @@ def test_comment_stripping_keeps_strings_and_lines():
         ({"activation_memory_budget": 0.5, "compile": False}, {}, ["'activation_memory_budget'", '"compile": false', "gradient_checkpointing"]),
         ({"activation_memory_budget": 0.5, "base_model_precision": "int8-quanto"}, {}, ["'activation_memory_budget'", "int8-torchao"]),
         ({"activation_memory_budget": 1.5}, {}, ["activation_memory_budget"]),
+        ({"cuda_graphs": True, "compile": False}, {}, ["'cuda_graphs'", '"compile": false', "turn compile on"]),
+        ({"cuda_graphs": True, "base_model_precision": "int8-quanto"}, {}, ["'cuda_graphs'", "int8-torchao"]),
         ({"gradient_checkpointing_interval": 0}, {}, ["'gradient_checkpointing_interval'"]),
         ({"attention": "flash3"}, {}, ["'attention'", "cudnn"]),
         ({"profile_steps": [5, 2]}, {}, ["'profile_steps'", "first <= last"]),

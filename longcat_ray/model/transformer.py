@@ -84,13 +84,15 @@ def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
 
 
 def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False,
-                      memory_budget: float | None = None, fuse_qkv: bool = True) -> None:
+                      memory_budget: float | None = None, fuse_qkv: bool = True, cuda_graphs: bool = False) -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
     repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
     `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels);
     `cpp_wrapper`: inductor's C++ wrapper around the kernels instead of Python; `memory_budget`: the share of the
     compiled blocks' activations kept for the backward (the partitioner recomputes the rest, cheapest FLOPs first);
-    `fuse_qkv`: each attention's q/k/v as one matmul where the base is grouped (model/attention.py)."""
+    `fuse_qkv`: each attention's q/k/v as one matmul where the base is grouped (model/attention.py); `cuda_graphs`:
+    the compiled blocks replayed as CUDA graphs (inductor's `reduce-overhead`; the caller marks each step with
+    `torch.compiler.cudagraph_mark_step_begin`)."""
     from longcat_ray.model.attention import use_training_attention
 
     use_training_attention(transformer, attention, fuse_qkv)
@@ -107,4 +109,5 @@ def speed_up_training(transformer, attention: str, compile: bool, backend: str =
             import torch._inductor.config as inductor
 
             inductor.cpp_wrapper = True
-        transformer.compile_repeated_blocks(fullgraph=False, backend=backend)
+        mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
+        transformer.compile_repeated_blocks(fullgraph=False, backend=backend, **mode)
