@@ -74,6 +74,18 @@ def test_zero1_and_zero2_train_the_same_lora(tiny, one_rank_group):
         torch.testing.assert_close(lora_1[name], weight, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_step_never_waits_for_the_device(tiny, one_rank_group, monkeypatch, stage):
+    """No device-wide synchronize in the forward, backward or step (DeepSpeed's throughput timer made two a step from
+    the third step on: the GPU drained, then waited for the host to launch the next forward)."""
+    from deepspeed.accelerator import get_accelerator
+
+    waits = []
+    monkeypatch.setattr(get_accelerator(), "synchronize", lambda *args: waits.append(args))
+    train_steps(str(tiny.model), stage, steps=4)
+    assert waits == []
+
+
 def deepspeed_clipping(patch) -> None:
     """The path before ClippingAdamW: plain AdamW, DeepSpeed's own `gradient_clipping` and per-tensor norm."""
     import longcat_ray.zero as zero
