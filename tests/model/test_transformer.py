@@ -282,35 +282,43 @@ def test_checkpointing_interval_picks_every_nth_block():
     assert not transformer.gradient_checkpointing
 
 
-def compiled_steps(tiny, cuda_graphs: bool, steps: int = 4) -> tuple[list[float], list[torch.Tensor]]:
-    """`steps` SGD steps of the tiny DiT's LoRA on a GPU, its blocks compiled by inductor -> (losses, LoRA)."""
+
+def compiled_steps(tiny, cuda_graphs: bool, device: str = "cuda", backend: str = "inductor", steps: int = 4):
+    """`steps` SGD steps of the tiny DiT's LoRA, its blocks compiled, each step two micro-batches of two bucket
+    shapes (gradient accumulation), and a validation-like forward without gradients (eager, as TrainingLoop.validate
+    runs it under CUDA graphs) after the second step -> (losses, LoRA)."""
     torch._dynamo.reset()
     model = ModelConfig(pretrained_model_name_or_path=str(tiny.model))
     transformer = load_transformer(model, torch.bfloat16, torch.device("cpu"))
     params = add_lora(transformer, LoraConfig(rank=4), seed=0)
-    place_base(transformer, "no_change", torch.device("cuda"))
-    speed_up_training(transformer, "sdpa", compile=True, cuda_graphs=cuda_graphs)
+    place_base(transformer, "no_change", torch.device(device))
+    speed_up_training(transformer, "sdpa", compile=True, backend=backend, cuda_graphs=cuda_graphs)
     g = torch.Generator().manual_seed(0)
-    edit, ref, text = (torch.randn(shape, generator=g).cuda().bfloat16() for shape in ((1, 16, 16, 16), (1, 16, 16, 16), (1, 20, 64)))
+    batches = [[torch.randn(shape, generator=g).to(device, torch.bfloat16) for shape in ((1, 16, 16, w), (1, 16, 16, w), (1, 20, 64))]
+               for w in (16, 24)]
     losses = []
     for step in range(steps):
-        torch.compiler.cudagraph_mark_step_begin()  # as TrainingLoop does with cuda_graphs
-        loss = flow_matching_loss(transformer, edit, ref, text, torch.Generator().manual_seed(step))
-        loss.backward()
+        for micro, (edit, ref, text) in enumerate(batches):
+            torch.compiler.cudagraph_mark_step_begin()  # as TrainingLoop does with cuda_graphs
+            loss = flow_matching_loss(transformer, edit, ref, text, torch.Generator().manual_seed(2 * step + micro))
+            (loss / len(batches)).backward()
+            losses.append(loss.item())
         with torch.no_grad():
             for p in params:
                 p.sub_(0.5 * p.grad)
                 p.grad = None
-        losses.append(loss.item())
+        if step == 1:
+            with torch.no_grad(), torch.compiler.set_stance("force_eager" if cuda_graphs else "default"):
+                losses.append(flow_matching_loss(transformer, *batches[0], torch.Generator().manual_seed(99)).item())
     return losses, [p.detach().float().cpu() for p in params]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_graphs_train_as_the_compiled_blocks(tiny):
     """`cuda_graphs` replays the compiled blocks' kernels: the same losses and LoRA after 4 steps (warm-up,
-    recording, two replays) as the compiled blocks launched one by one; the LoRA moved."""
+    recording, replays; two bucket shapes, gradient accumulation, an eager forward between steps) as the compiled
+    blocks launched one by one."""
     losses, lora = compiled_steps(tiny, cuda_graphs=False)
     graphed, graphed_lora = compiled_steps(tiny, cuda_graphs=True)
     assert graphed == pytest.approx(losses, rel=1e-3)
     assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-4) for a, b in zip(graphed_lora, lora))
-    assert len(set(losses)) > 1
