@@ -118,7 +118,8 @@ class TrainConfig(Section):
     operations, by FLOPs, until the rest fits; 0 recomputes the whole block, 1 keeps what an uncheckpointed compiled
     block keeps). It replaces whole-block checkpointing in the compiled blocks. Null: 0 when compile and
     `gradient_checkpointing` are on without an interval, else off. On an H200 (fp8 base, 768², same machine):
-    0 -> 0.277 s/sample at 8.2 GiB, 0.1 -> 0.275 s at 9.2 GiB; other machines: none -> 0.223 s at 20.2 GiB, 0.5 ->
+    0 -> 0.277 s/sample at 8.2 GiB, 0.1 -> 0.275 s at 9.2 GiB (0 -> 0.248 s since DeepSpeed's timer no longer
+    synchronizes); other machines: none -> 0.223 s at 20.2 GiB, 0.5 ->
     0.239 s at 15.9 GiB (measured before the int8 modulation weights, which took 1.2-1.5 GiB off the other rows)
     (benchmarks/RESULTS.md)."""
     compile: bool | None = None
