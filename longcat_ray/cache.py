@@ -74,6 +74,8 @@ class CacheSummary:
     encoded: int = 0
     reused: int = 0
     skipped: list[str] = field(default_factory=list)
+    files: str = ""
+    """What became of every file under the datasets' folders (pairs.file_report), counted."""
     bytes_written: int = 0
     cache_bytes: int = 0
     seconds: float = 0.0
@@ -87,7 +89,7 @@ class CacheSummary:
         return (
             f"pairs {self.pairs}, encoded {self.encoded}, reused {self.reused}, skipped {len(self.skipped)}; "
             f"{self.samples_per_second:.2f} samples/s; cache {self.cache_bytes / 2**20:.1f} MiB "
-            f"({self.bytes_written / 2**20:.1f} MiB written); manifest {self.manifest}"
+            f"({self.bytes_written / 2**20:.1f} MiB written); manifest {self.manifest}" + (f"; {self.files}" if self.files else "")
         )
 
 
@@ -564,12 +566,13 @@ def read_manifest(config: Config) -> list[dict[str, Any]]:
 
 def build_cache(config: Config, workers: int | None = None, progress: bool = True) -> CacheSummary:
     """Check the dataset, encode what is missing or changed, write the manifest. Raises DatasetError."""
-    from longcat_ray.pairs import prepare_pairs
+    from longcat_ray.pairs import count_fates, file_report, prepare_pairs
 
     pairs, problems = prepare_pairs(config)
     plan = make_plan(config)
     summary = cache_pairs(pairs, plan, workers, progress)
     summary.skipped, summary.manifest = [str(p) for p in problems], manifest_url(config)
+    summary.files = count_fates(file_report(config, pairs, problems))
     write_manifest(summary.manifest, plan.options["text"], manifest_rows(pairs, plan))
     return summary
 

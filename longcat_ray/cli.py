@@ -150,10 +150,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 0
     from PIL import Image
 
+    from longcat_ray.images import upright_rgb
+
     width, height = resolutions[0]
     request = EditRequest(prompt=args.prompt, width=width, height=height, steps=args.validation_num_inference_steps,
                           guidance=args.validation_guidance, seed=args.seed, negative_prompt=args.negative_prompt)
-    image = editor.edit(Image.open(args.image), request, preview=preview_writer(editor, args, request))
+    image = editor.edit(upright_rgb(Image.open(args.image))[0], request, preview=preview_writer(editor, args, request))
     image.save(args.output or "validation.png")
     print(f"wrote {args.output or 'validation.png'} ({image.width}x{image.height})")
     return 0
@@ -207,7 +209,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     )
     from PIL import Image
 
-    image = editor.edit(Image.open(args.image), request)
+    from longcat_ray.images import upright_rgb
+
+    image = editor.edit(upright_rgb(Image.open(args.image))[0], request)
     image.save(args.output)
     print(f"wrote {args.output} ({image.width}x{image.height})")
     return 0

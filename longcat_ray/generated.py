@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from longcat_ray.images import upright_rgb
+
 SCHEME = "gen:"
 
 
@@ -38,7 +40,7 @@ def parse(url: str) -> tuple[dict[str, Any], str]:
 
 def generate(spec: dict[str, Any], data: bytes) -> bytes:
     """The edit image's bytes -> the generated reference as PNG bytes (the same bytes on every call)."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = upright_rgb(Image.open(io.BytesIO(data)))[0]  # the edit image as training sees it
     seed = hashlib.sha256(data + json.dumps(spec, sort_keys=True).encode()).digest()
     rng = np.random.default_rng(int.from_bytes(seed[:8], "little"))
     out = io.BytesIO()

@@ -20,6 +20,7 @@ from PIL import Image
 from longcat_ray import generated, hub_rows
 from longcat_ray.buckets import bucket_for
 from longcat_ray.config import Config, DatasetConfig
+from longcat_ray.images import upright_rgb
 from longcat_ray.storage import filesystem
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -66,8 +67,26 @@ def list_files(root: str, options: dict[str, Any]) -> dict[str, str]:
     return {posixpath.relpath(path, base): prefix + path for path in fs.find(base)}
 
 
-def images_by_stem(files: dict[str, str]) -> dict[str, str]:
-    return {posixpath.splitext(rel)[0]: url for rel, url in sorted(files.items()) if rel.lower().endswith(IMAGE_EXTENSIONS)}
+def images_by_stem(files: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """-> ({relative path without extension: image URL}, {such a name: its images} where several share one: pairs
+    match by name without extension, so `a.png` beside `a.jpg` cannot be paired)."""
+    urls: dict[str, list[str]] = {}
+    for rel, url in sorted(files.items()):
+        if rel.lower().endswith(IMAGE_EXTENSIONS):
+            urls.setdefault(posixpath.splitext(rel)[0], []).append(url)
+    return {stem: same[0] for stem, same in urls.items() if len(same) == 1}, {s: u for s, u in urls.items() if len(u) > 1}
+
+
+def twin_problems(twins: dict[str, list[str]]) -> list[Problem]:
+    return [Problem(kind="several images for one name", file=url, detail=f"{', '.join(u for u in same if u != url)} "
+                    "too: pairs match by name without extension; rename or remove all but one")
+            for same in twins.values() for url in same]
+
+
+def case_hint(stem: str, others: dict[str, str]) -> str:
+    """`; <url> differs only in case` when another side's name matches `stem` but for case (matching is exact)."""
+    twins = [url for other, url in others.items() if other.lower() == stem.lower()]
+    return f"; {twins[0]} differs only in case (names match exactly)" if twins else ""
 
 
 def caption_source(dataset: DatasetConfig, stem: str, files: dict[str, str]) -> tuple[str, str | None]:
@@ -94,9 +113,13 @@ def match_pairs(edit: DatasetConfig, ref: DatasetConfig, several: bool = False) 
     edit_files, ref_files = list_files(edit.data_root, edit.storage_options), list_files(ref.data_root, ref.storage_options)
     if ref.generator:  # made from the edit images themselves (generated.py)
         ref_files = {rel: generated.reference_url(ref.generator, url) for rel, url in ref_files.items()}
-    edits, refs = images_by_stem(edit_files), images_by_stem(ref_files)
-    problems = [Problem(kind="edit without reference", file=edits[s], detail=f"no {s}.* in {ref.data_root}") for s in edits if s not in refs]
-    problems += [Problem(kind="reference without edit", file=refs[s], detail=f"no {s}.* in {edit.data_root}") for s in refs if s not in edits]
+    (edits, edit_twins), (refs, ref_twins) = images_by_stem(edit_files), images_by_stem(ref_files)
+    twins = {**edit_twins, **ref_twins}  # such a name is left out: the other side's image of it too
+    problems = twin_problems(edit_twins) + ([] if ref.generator else twin_problems(ref_twins))  # generated: the same files
+    problems += [Problem(kind="edit without reference", file=edits[s], detail=f"no {s}.* in {ref.data_root}{case_hint(s, refs)}")
+                 for s in edits if s not in refs and s not in twins]
+    problems += [Problem(kind="reference without edit", file=refs[s], detail=f"no {s}.* in {edit.data_root}{case_hint(s, edits)}")
+                 for s in refs if s not in edits and s not in twins]
     rows = []
     for stem in (s for s in edits if s in refs):
         caption, caption_url = caption_source(edit, stem, edit_files)
@@ -133,7 +156,7 @@ def discover_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]
                 found, bad = [], err.problems
             rows += found
             problems += bad
-    return rows, problems
+    return rows, list(dict.fromkeys(problems))  # an edit dataset with several reference sets is listed once per set
 
 
 def read_bytes(url: str, options: dict[str, Any]) -> bytes:
@@ -147,6 +170,9 @@ def read_bytes(url: str, options: dict[str, Any]) -> bytes:
 
 
 BELOW_MINIMUM = "image below minimum size"
+# mixed into the digest of an image whose decoding turns or rescales it: entries cached before images were decoded
+# upright and 8-bit (when a rotated photo trained sideways, a 16-bit one white) are encoded again
+UPRIGHT_RGB = "upright-rgb-8bit"
 
 
 def meets_minimum(width: int, height: int, minimum: float, resolution_type: str) -> bool:
@@ -166,7 +192,8 @@ def minimum_text(minimum: float, resolution_type: str) -> str:
 
 def decode_image(url: str, options: dict[str, Any], minimum: float = 0,
                  resolution_type: str = "pixel_area") -> tuple[Image.Image | None, str, list[Problem]]:
-    """-> (image or None, sha256 of the bytes, problems). Decodes fully, so truncated files are caught."""
+    """-> (upright 8-bit RGB image or None, sha256 of the bytes, problems). Decodes fully, so truncated files are
+    caught (longcat_ray/images.py says how every image is decoded)."""
     try:
         data = read_bytes(url, options)
     except OSError as err:
@@ -179,8 +206,11 @@ def decode_image(url: str, options: dict[str, Any], minimum: float = 0,
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
+            image, changed = upright_rgb(image)
     except Exception as err:  # noqa: BLE001 -- PIL raises many types for corrupt data
         return None, digest, [Problem(kind="unreadable image", file=url, detail=f"{type(err).__name__}: {err}")]
+    if changed:  # the cache keys on this digest: an image decoded differently than before must not reuse old entries
+        digest = hashlib.sha256(f"{digest} {UPRIGHT_RGB}".encode()).hexdigest()
     if not meets_minimum(image.width, image.height, minimum, resolution_type):
         detail = f"{image.width}x{image.height}, {minimum_text(minimum, resolution_type)}: left out, as SimpleTuner does"
         return None, digest, [Problem(kind=BELOW_MINIMUM, file=url, detail=detail)]
@@ -194,11 +224,27 @@ def read_caption(row: dict[str, Any], options: dict[str, Any]) -> tuple[str, lis
     if url.endswith("(missing)"):
         return "", [Problem(kind="missing caption", file=url.removesuffix(" (missing)"), detail=f"for {row['edit_url']}")]
     try:
-        return read_bytes(url, options).decode("utf-8").strip(), []
+        text = read_bytes(url, options).decode("utf-8").strip()
     except UnicodeDecodeError as err:
         return "", [Problem(kind="undecodable caption", file=url, detail=f"not UTF-8: {err.reason} at byte {err.start}")]
     except OSError as err:
         return "", [Problem(kind="missing caption", file=url, detail=str(err))]
+    if not text:  # an edit without an instruction is what caption dropout makes on purpose, never by accident
+        return "", [Problem(kind="empty caption", file=url, detail=f"for {row['edit_url']}: write its instruction, or remove the pair")]
+    return text, []
+
+
+SMALLER_REFERENCE = 8  # a reference this many times narrower and shorter than its edit is most likely not its source
+
+
+def size_mismatch(row: dict[str, Any], edit: Image.Image | None, ref: Image.Image | None) -> list[Problem]:
+    """A reference far smaller than its edit (both sides under 1/SMALLER_REFERENCE): training would scale it up that
+    much to the edit's bucket, so it is more likely another image than this edit's source."""
+    if edit is None or ref is None or not (ref.width * SMALLER_REFERENCE < edit.width and ref.height * SMALLER_REFERENCE < edit.height):
+        return []
+    return [Problem(kind="reference much smaller than its edit", file=row["ref_url"],
+                    detail=f"{ref.width}x{ref.height} against {edit.width}x{edit.height} ({row['edit_url']}): check that they "
+                           "are one pair, or give the reference at a size nearer its edit's")]
 
 
 def check_pair(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +255,7 @@ def check_pair(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
     edit, edit_sha, problems = decode_image(row["edit_url"], edit_opts, minimum, unit)
     ref, ref_sha, ref_problems = decode_image(row["ref_url"], ref_opts)  # references have no minimum (SimpleTuner's rule)
     caption, caption_problems = read_caption(row, plan["options"][row["caption_dataset_id"]])
-    problems += ref_problems + caption_problems
+    problems += ref_problems + caption_problems + size_mismatch(row, edit, ref)
     width, height = edit.size if edit else (0, 0)
     bucket = bucket_for(width, height, plan["area"][row["dataset_id"]]) if edit else (0, 0)
     return {
@@ -252,3 +298,47 @@ def prepare_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
         raise DatasetError(problems or [Problem(kind="no pairs", file=", ".join(d.data_root for d in config.data.edit_datasets()))])
     good.sort(key=lambda r: (r["bucket_w"], r["bucket_h"], r["sample_id"]))
     return good, problems
+
+
+USED = "used"
+
+
+def file_report(config: Config, good: list[dict[str, Any]], problems: list[Problem]) -> dict[str, str]:
+    """Every file under the image datasets' folders, once -> what became of it: `used` (an image or caption of a pair
+    that trains), `error: <problem>` (named in the report), or `skipped: <why>`."""
+    used = {row[key] for row in good for key in ("edit_url", "ref_url", "caption_url") if row[key]}
+    named: dict[str, str] = {}
+    for problem in problems:
+        named.setdefault(problem.file, problem.kind)
+    report: dict[str, str] = {}
+    for dataset in config.data.datasets:
+        if dataset.dataset_type not in ("image", "conditioning") or dataset.disabled or dataset.generator or \
+                dataset.data_root.startswith(hub_rows.SCHEME):
+            continue
+        try:
+            files = list_files(dataset.data_root, dataset.storage_options)
+        except DatasetError:  # a missing folder is a problem of its own
+            continue
+        for rel, url in files.items():
+            report.setdefault(url, file_fate(url, rel, dataset, used, named))
+    return report
+
+
+def file_fate(url: str, rel: str, dataset: DatasetConfig, used: set[str], named: dict[str, str]) -> str:
+    if url in used:
+        return USED
+    if url in named:
+        return f"skipped: {named[url]}" if named[url] == BELOW_MINIMUM else f"error: {named[url]}"
+    if rel.lower().endswith(IMAGE_EXTENSIONS):
+        return "skipped: its pair is left out (another of its files has a problem)"
+    if rel.endswith(".txt") and dataset.caption_strategy == "textfile":
+        return "skipped: a caption of a pair left out, or of no image"
+    strategy = dataset.caption_strategy
+    return "skipped: not an image" + (" or caption" if strategy == "textfile" else f" (captions: {strategy})" if strategy else "")
+
+
+def count_fates(report: dict[str, str]) -> str:
+    """-> `N files: U used, S skipped, E error` (the reasons are the report's problems)."""
+    counts = Counter(fate.split(":")[0] for fate in report.values())
+    return f"{len(report)} files: " + ", ".join(f"{counts[k]} {k}" for k in (USED, "skipped", "error"))
+

@@ -120,7 +120,7 @@ def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:
     """-> the manifest training reads. Cached mode: build the cache. Streaming: check the dataset and cache only
     the validation pairs; the manifest rows carry the image URLs the workers' encoders read."""
     from longcat_ray.cache import STREAM_KEYS, build_cache, cache_pairs, make_plan, manifest_rows, read_manifest
-    from longcat_ray.pairs import prepare_pairs
+    from longcat_ray.pairs import count_fates, file_report, prepare_pairs
 
     if not config.data.cache_streaming:
         print(build_cache(config, progress=progress))
@@ -131,7 +131,8 @@ def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:
     chosen = {m["sample_id"] for m in validation_pairs(rows, config)}
     summary = cache_pairs([p for p in pairs if p["sample_id"] in chosen], plan, progress=progress)
     skipped = "".join(f"\n  skipped: {p}" for p in problems)
-    print(f"streaming {len(pairs)} pairs ({len(problems)} skipped); validation pairs cached: {summary}{skipped}")
+    files = count_fates(file_report(config, pairs, problems))
+    print(f"streaming {len(pairs)} pairs ({len(problems)} skipped; {files}); validation pairs cached: {summary}{skipped}")
     return rows
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 from PIL import Image
 
@@ -120,3 +122,104 @@ def test_two_reference_sets_give_each_edit_one_pair_per_set(ray_local, tmp_path)
     assert not problems
     assert sorted((r["sample_id"], r["group"], r["ref_dataset_id"]) for r in good) == [
         ("e/a@r1", "e/a", "r1"), ("e/a@r2", "e/a", "r2"), ("e/b@r1", "e/b", "r1"), ("e/b@r2", "e/b", "r2")]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.fixture()
+def battery(tmp_path):
+    """Issue 18's input battery: each awkward file beside a good pair -> (folder, {file: expected fate})."""
+    import io
+    import os
+    import struct
+
+    import numpy as np
+
+    edits, refs = tmp_path / "edits", tmp_path / "refs"
+    fates = {}
+
+    def pair(stem, edit_fate="used", ref_fate="used", caption=b"make it blue", caption_fate="used", ref_size=(160, 160)):
+        png(refs / f"{stem}.png", size=ref_size, colour="blue")
+        (edits / f"{stem}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (edits / f"{stem}.txt").write_bytes(caption)
+        fates.update({f"refs/{stem}.png": ref_fate, f"edits/{stem}.txt": caption_fate})
+        for edit in (edits / stem).parent.glob(f"{(edits / stem).name}.*"):
+            if edit.suffix != ".txt":
+                fates[f"edits/{edit.relative_to(edits)}"] = edit_fate
+
+    png(edits / "good.png")
+    pair("good")
+    png(edits / "a" / "b" / "nested.png")
+    pair("a/b/nested")
+    Image.new("CMYK", (160, 160), (0, 255, 255, 0)).save(edits / "cmyk.jpg")
+    pair("cmyk")
+    Image.fromarray(np.tile(np.linspace(0, 65535, 160).astype(np.uint16), (160, 1))).save(edits / "deep.png")  # 16-bit grey
+    pair("deep")
+    Image.new("LA", (160, 160), (90, 0)).save(edits / "grey_alpha.png")
+    pair("grey_alpha")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 320x160, shown turned a quarter: 160x320
+    Image.new("RGB", (320, 160), "red").save(edits / "turned.jpg", exif=exif.tobytes())
+    pair("turned")
+    buffer = io.BytesIO()
+    Image.new("RGB", (160, 160), "red").save(buffer, format="JPEG")
+    (edits / "jpeg_inside.png").write_bytes(buffer.getvalue())  # the extension lies; the content decides
+    pair("jpeg_inside")
+    (edits / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    pair("truncated", "error: unreadable image", "skipped: its pair is left out (another of its files has a problem)",
+         caption_fate="skipped: a caption of a pair left out, or of no image")
+    good = (edits / "good.png").read_bytes()
+    (edits / "lying.png").write_bytes(good[:16] + struct.pack(">I", 9999) + good[20:])  # IHDR width changed, CRC not
+    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)) + png_chunk(b"IEND", b"")
+    (edits / "bomb.png").write_bytes(bomb)
+    (edits / "zero.png").write_bytes(b"")
+    for stem in ("lying", "bomb", "zero"):
+        pair(stem, "error: unreadable image", "skipped: its pair is left out (another of its files has a problem)",
+             caption_fate="skipped: a caption of a pair left out, or of no image")
+    left_out = ("skipped: its pair is left out (another of its files has a problem)", "skipped: a caption of a pair left out, or of no image")
+    png(edits / "latin.png")
+    pair("latin", left_out[0], left_out[0], caption=b"caf\xe9", caption_fate="error: undecodable caption")
+    png(edits / "blank.png")
+    pair("blank", left_out[0], left_out[0], caption=b"  \n", caption_fate="error: empty caption")
+    png(edits / "far.png", size=(512, 512))
+    pair("far", left_out[0], "error: reference much smaller than its edit", caption_fate=left_out[1], ref_size=(32, 32))
+    png(edits / "Case.png")
+    (edits / "Case.txt").write_text("x")
+    png(refs / "case.png")
+    fates.update({"edits/Case.png": "error: edit without reference", "edits/Case.txt": left_out[1],
+                  "refs/case.png": "error: reference without edit"})
+    png(edits / "twin.png")
+    png(edits / "twin.jpg")
+    pair("twin", "error: several images for one name", left_out[0], caption_fate=left_out[1])
+    (edits / "README.md").write_text("notes")
+    os.symlink(edits, edits / "loop")  # a link back to its own folder: listed, never followed
+    fates.update({"edits/README.md": "skipped: not an image or caption", "edits/loop": "skipped: not an image or caption"})
+    raw = json.loads(write_backend(tmp_path, edits, {"r": refs}).read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "skip_bad_pairs": True}))
+    return tmp_path, fates
+
+
+def test_the_input_battery_gets_its_documented_outcomes_and_every_file_is_counted_once(ray_local, battery):
+    """Truncated, lying, empty, bomb, CMYK, 16-bit, grey+alpha, EXIF-turned, non-UTF-8 and empty captions, names that
+    differ in case or extension only, nested folders, a symlink loop, a far smaller reference: the good ones train
+    (decoded upright, 8-bit RGB), the rest are named, and the file report gives every file exactly one fate."""
+    from longcat_ray.pairs import decode_image, file_report
+
+    folder, fates = battery
+    config, _ = load_config(folder / "config.json")
+    good, problems = prepare_pairs(config)
+    report = {url.removeprefix(str(folder) + "/"): fate for url, fate in file_report(config, good, problems).items()}
+    assert report == fates
+    assert sorted(r["sample_id"] for r in good) == sorted(f"e/{s}" for s in ("good", "a/b/nested", "cmyk", "deep", "grey_alpha",
+                                                                              "turned", "jpeg_inside"))
+    turned = next(r for r in good if r["sample_id"] == "e/turned")
+    assert (turned["width"], turned["height"]) == (160, 320) and turned["bucket_w"] < turned["bucket_h"]  # as a viewer shows it
+    deep, _, _ = decode_image(str(folder / "edits" / "deep.png"), {})
+    assert deep.mode == "RGB" and np.asarray(deep)[0, 0, 0] == 0 and np.asarray(deep)[0, -1, 0] == 255 and 100 < np.asarray(deep)[0, 80, 0] < 160
+    assert "DecompressionBomb" in next(p.detail for p in problems if p.file.endswith("bomb.png"))
+    assert "differs only in case" in next(p.detail for p in problems if p.file.endswith("Case.png"))

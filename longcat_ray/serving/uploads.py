@@ -14,6 +14,7 @@ from PIL import Image
 
 from longcat_ray.buckets import bucket_for
 from longcat_ray.config import SIZE_GRID, nearest_on_grid
+from longcat_ray.images import upright_rgb
 from longcat_ray.inference import EditRequest
 from longcat_ray.serving.config import ServeConfig
 
@@ -55,7 +56,7 @@ def decode_upload(data: bytes, config: ServeConfig) -> Image.Image:
         image.load()
     except Exception as err:  # noqa: BLE001 - truncated or corrupt data
         raise RequestError(422, "image", f"the image data is damaged or truncated: {err}") from None
-    return image.convert("RGB")
+    return upright_rgb(image)[0]  # as training decoded its references (longcat_ray/images.py)
 
 
 def check_range(field: str, value: float, low: float, high: float) -> None:

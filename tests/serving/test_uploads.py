@@ -61,6 +61,19 @@ def test_uploads_are_checked_before_decoding():
     assert err.value.status == 413
     assert decode_upload(png(Image.new("L", (32, 16))), CONFIG).mode == "RGB"
 
+def test_uploads_are_decoded_as_training_decoded_its_images():
+    """Upright by EXIF and 8-bit RGB, by longcat_ray/images.py as in the dataset scan: an upload conditions the model
+    as the training references did."""
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored 64x32, shown turned: 32x64
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 32), "red").save(buffer, format="JPEG", exif=exif.tobytes())
+    assert decode_upload(buffer.getvalue(), CONFIG).size == (32, 64)
+    buffer = io.BytesIO()
+    Image.new("I;16", (32, 32), 32768).save(buffer, format="PNG")  # mid-grey in 16 bits
+    assert decode_upload(buffer.getvalue(), CONFIG).getpixel((0, 0)) == (128, 128, 128)
+
+
 
 @pytest.mark.parametrize("lora_id", ["../style0", "/etc/passwd", "s3://bucket/x", "http://evil/x.safetensors",
                                      "style0/../../x", "a/b", "", ".hidden", "x" * 200])
