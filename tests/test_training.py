@@ -201,27 +201,57 @@ def training_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_killed_worker_is_replaced_and_the_run_finishes(tiny, ray_local, tmp_path):
-    config = tiny_config(tiny, tmp_path, max_train_steps=12, checkpointing_steps=4, max_failures=2)
-    config.validation.steps = 0
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=train(config, progress=False)))
-    runner.start()
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        logged = os.path.exists(os.path.join(tmp_path, "logs", "samples-rank0.jsonl"))
-        if glob.glob(str(tmp_path / "run" / "checkpoint_*")) and logged and samples_log(tmp_path)[-1]["micro_step"] >= 6:
-            break
-        time.sleep(0.2)
-    victims = training_workers()
-    assert victims, "no training worker found to kill"
-    os.kill(victims[-1].pid, signal.SIGKILL)
-    runner.join(timeout=900)
-    assert outcome["result"].steps == 12
-    steps = [line["micro_step"] for line in samples_log(tmp_path)]
-    assert len(steps) > len(set(steps))  # the steps after the last checkpoint were trained again
-    assert os.path.exists(os.path.join(tmp_path, LORA_FILE))
+def rewinds(out, rank: int) -> int:
+    """How often the samples log of `rank` goes back to an earlier micro-step (a restart from a checkpoint)."""
+    steps = [line["micro_step"] for line in samples_log(out, rank)]
+    return sum(later <= earlier for earlier, later in zip(steps, steps[1:]))
 
+
+def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_happened(reference, tiny, tmp_path):
+    """`longcat-ray train` (the CLI, in its own process and its own Ray): a training worker SIGKILLed after the
+    step-4 checkpoint (Ray Train replaces it and rewinds to that checkpoint), then the driver SIGKILLed after the
+    step-8 checkpoint (its Ray and workers die with it); the same command again resumes from step 8, not from
+    scratch. The run ends as the uninterrupted reference did at step 16: the same samples at every step (the last
+    time each step ran) and the same LoRA (constant learning rate)."""
+    import subprocess
+    import sys
+
+    cached, _ = reference
+    raw = json.loads(open(tiny.config).read())
+    raw.update({"--output_dir": str(tmp_path / "out"), "--max_train_steps": 16, "--checkpointing_steps": 4,
+                "--lora_alpha": 8, "--validation_steps": 0, "--max_failures": 2})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    command = [sys.executable, "-c", "import sys; from longcat_ray.cli import main; sys.exit(main())", "train",
+               "--config", str(tmp_path / "config.json")]
+    out = tmp_path / "out"
+
+    def wait_for(ready) -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None:
+            if os.path.exists(out / "logs" / "samples-rank0.jsonl") and ready(samples_log(out)):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the run ended or stalled first (exit {driver.poll()})")
+
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda log: log[-1]["micro_step"] >= 5)  # step 4's checkpoint is reported before micro-step 4 runs
+    os.kill(training_workers()[-1].pid, signal.SIGKILL)
+    wait_for(lambda log: rewinds(out, 0) >= 1 and log[-1]["micro_step"] >= 9)  # replaced; past step 8's checkpoint
+    workers = [p.pid for p in training_workers()]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    psutil.wait_procs([p for p in psutil.process_iter() if p.pid in workers], timeout=60)  # they die with its Ray
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        steps = [line["micro_step"] for line in samples_log(out, rank)]
+        assert steps.count(0) == 1 and rewinds(out, rank) >= 2  # two restarts, neither from scratch
+        last_runs = {line["micro_step"]: line for line in samples_log(out, rank)}
+        assert list(last_runs.values()) == samples_log(cached.train.output_dir, rank)[:16]
+    at_16 = sorted(glob.glob(os.path.join(cached.train.output_dir, "run", "checkpoint_*")))[1]  # checkpoints at 8, 16, 24
+    final, straight = load_file(out / LORA_FILE), load_file(os.path.join(at_16, "lora", LORA_FILE))
+    for key in straight:
+        torch.testing.assert_close(final[key], straight[key], atol=1e-5, rtol=1e-4)
 
 def test_a_non_finite_loss_stops_the_run_naming_the_steps():
     from longcat_ray.training import NonFiniteLoss, check_finite
