@@ -566,13 +566,13 @@ def read_manifest(config: Config) -> list[dict[str, Any]]:
 
 def build_cache(config: Config, workers: int | None = None, progress: bool = True) -> CacheSummary:
     """Check the dataset, encode what is missing or changed, write the manifest. Raises DatasetError."""
-    from longcat_ray.pairs import count_fates, file_report, prepare_pairs
+    from longcat_ray.pairs import count_fates, prepare_pairs
 
-    pairs, problems = prepare_pairs(config)
+    pairs, problems, fates = prepare_pairs(config)
     plan = make_plan(config)
     summary = cache_pairs(pairs, plan, workers, progress)
     summary.skipped, summary.manifest = [str(p) for p in problems], manifest_url(config)
-    summary.files = count_fates(file_report(config, pairs, problems))
+    summary.files = count_fates(fates)
     write_manifest(summary.manifest, plan.options["text"], manifest_rows(pairs, plan))
     return summary
 

@@ -629,15 +629,15 @@ def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list
         problems.append(f"{source}: key 'compile': torch.compile cannot take the '{precision}' base (torchao tensor "
                         "subclasses). Fix: remove \"compile\" (it is then off for this precision), or use "
                         "\"base_model_precision\": \"fp8-matmul\", which compiles.")
-    if train.activation_memory_budget is not None and (train.compile is False or precision in WEIGHT_ONLY):
+    if train.compile is False or precision in WEIGHT_ONLY:  # the keys below act on compiled blocks only
         why = "\"compile\": false" if train.compile is False else f"the '{precision}' base, which does not compile"
-        problems.append(f"{source}: key 'activation_memory_budget': the compiler chooses what to recompute, and {why} "
-                        "turns compile off. Fix: remove \"activation_memory_budget\" (\"gradient_checkpointing\" "
-                        "then recomputes whole blocks), or turn compile on.")
-    if train.cuda_graphs and (train.compile is False or precision in WEIGHT_ONLY):
-        why = "\"compile\": false" if train.compile is False else f"the '{precision}' base, which does not compile"
-        problems.append(f"{source}: key 'cuda_graphs': CUDA graphs replay the compiled blocks, and {why} turns "
-                        "compile off. Fix: remove \"cuda_graphs\", or turn compile on.")
+        if train.activation_memory_budget is not None:
+            problems.append(f"{source}: key 'activation_memory_budget': the compiler chooses what to recompute, and {why} "
+                            "turns compile off. Fix: remove \"activation_memory_budget\" (\"gradient_checkpointing\" "
+                            "then recomputes whole blocks), or turn compile on.")
+        if train.cuda_graphs:
+            problems.append(f"{source}: key 'cuda_graphs': CUDA graphs replay the compiled blocks, and {why} turns "
+                            "compile off. Fix: remove \"cuda_graphs\", or turn compile on.")
     return problems
 
 

@@ -67,6 +67,17 @@ def list_files(root: str, options: dict[str, Any]) -> dict[str, str]:
     return {posixpath.relpath(path, base): prefix + path for path in fs.find(base)}
 
 
+Listings = dict[str, dict[str, str]]  # a folder (data_root) -> list_files' answer: each folder is listed once a scan
+
+
+def listed(dataset: DatasetConfig, listings: Listings) -> dict[str, str]:
+    """`list_files` of the dataset's folder, from `listings` when this scan listed it already (an edit folder with
+    several reference sets, the file report after pairing)."""
+    if dataset.data_root not in listings:
+        listings[dataset.data_root] = list_files(dataset.data_root, dataset.storage_options)
+    return listings[dataset.data_root]
+
+
 def images_by_stem(files: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """-> ({relative path without extension: image URL}, {such a name: its images} where several share one: pairs
     match by name without extension, so `a.png` beside `a.jpg` cannot be paired)."""
@@ -106,11 +117,12 @@ def caption_source(dataset: DatasetConfig, stem: str, files: dict[str, str]) -> 
     return "", None
 
 
-def match_pairs(edit: DatasetConfig, ref: DatasetConfig, several: bool = False) -> tuple[list[dict[str, Any]], list[Problem]]:
+def match_pairs(edit: DatasetConfig, ref: DatasetConfig, listings: Listings, several: bool = False
+                ) -> tuple[list[dict[str, Any]], list[Problem]]:
     """Edit and reference images paired by relative path without extension; orphans on either side reported.
     `several`: the edit dataset has several reference datasets; each pair's id then names its reference, and
     `group` (the edit's own id) lets each epoch train one of them (reader.plan_epoch)."""
-    edit_files, ref_files = list_files(edit.data_root, edit.storage_options), list_files(ref.data_root, ref.storage_options)
+    edit_files, ref_files = listed(edit, listings), listed(ref, listings)
     if ref.generator:  # made from the edit images themselves (generated.py)
         ref_files = {rel: generated.reference_url(ref.generator, url) for rel, url in ref_files.items()}
     (edits, edit_twins), (refs, ref_twins) = images_by_stem(edit_files), images_by_stem(ref_files)
@@ -144,19 +156,20 @@ def evaluation_rows(rows: list[dict[str, Any]], config: Config) -> list[dict[str
     return sorted((r for r in rows if wanted is None or r["dataset_id"] == wanted), key=lambda r: r["sample_id"])
 
 
-def discover_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
+def discover_pairs(config: Config, listings: Listings | None = None) -> tuple[list[dict[str, Any]], list[Problem]]:
     """Every edit dataset against each of its reference datasets (all pairs are cached; with several reference
-    datasets each epoch trains one pair per edit, SimpleTuner's `conditioning_multidataset_sampling: random`)."""
-    rows, problems = [], []
+    datasets each epoch trains one pair per edit, SimpleTuner's `conditioning_multidataset_sampling: random`).
+    `listings`: the folders listed so far in this scan (filled in)."""
+    rows, problems, listings = [], [], {} if listings is None else listings
     for edit in config.data.edit_datasets():
         for ref_id in edit.conditioning_data:
             try:
-                found, bad = match_pairs(edit, config.data.dataset(ref_id), several=len(edit.conditioning_data) > 1)
+                found, bad = match_pairs(edit, config.data.dataset(ref_id), listings, several=len(edit.conditioning_data) > 1)
             except DatasetError as err:
                 found, bad = [], err.problems
             rows += found
             problems += bad
-    return rows, list(dict.fromkeys(problems))  # an edit dataset with several reference sets is listed once per set
+    return rows, list(dict.fromkeys(problems))  # an edit dataset with several reference sets is matched once per set
 
 
 def read_bytes(url: str, options: dict[str, Any]) -> bytes:
@@ -281,11 +294,12 @@ def scan_pairs(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[st
     return ray.data.from_items(rows).map(check_pair, fn_kwargs={"plan": plan}).take_all()
 
 
-def prepare_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
-    """-> (good pairs sorted by bucket then id, every problem). Raises DatasetError on any problem unless
-    `skip_bad_pairs` is set, in which case the bad pairs are left out and still returned as problems. Edits
+def prepare_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem], dict[str, str]]:
+    """-> (good pairs sorted by bucket then id, every problem, `file_report`). Raises DatasetError on any problem
+    unless `skip_bad_pairs` is set, in which case the bad pairs are left out and still returned as problems. Edits
     below `minimum_image_size` are always left out (SimpleTuner excludes them) and returned as problems."""
-    rows, problems = discover_pairs(config)
+    listings: Listings = {}
+    rows, problems = discover_pairs(config, listings)
     good = []
     for row in scan_pairs(rows, scan_plan(config)) if rows else []:
         found = [Problem(**p) for p in json.loads(row.pop("problems"))]
@@ -297,15 +311,16 @@ def prepare_pairs(config: Config) -> tuple[list[dict[str, Any]], list[Problem]]:
     if not good:
         raise DatasetError(problems or [Problem(kind="no pairs", file=", ".join(d.data_root for d in config.data.edit_datasets()))])
     good.sort(key=lambda r: (r["bucket_w"], r["bucket_h"], r["sample_id"]))
-    return good, problems
+    return good, problems, file_report(config, good, problems, listings)
 
 
 USED = "used"
 
 
-def file_report(config: Config, good: list[dict[str, Any]], problems: list[Problem]) -> dict[str, str]:
+def file_report(config: Config, good: list[dict[str, Any]], problems: list[Problem], listings: Listings) -> dict[str, str]:
     """Every file under the image datasets' folders, once -> what became of it: `used` (an image or caption of a pair
-    that trains), `error: <problem>` (named in the report), or `skipped: <why>`."""
+    that trains), `error: <problem>` (named in the report), or `skipped: <why>`. Folders come from `listings` (the
+    pairing's); one it could not list is a problem of its own, and left out here."""
     used = {row[key] for row in good for key in ("edit_url", "ref_url", "caption_url") if row[key]}
     named: dict[str, str] = {}
     for problem in problems:
@@ -315,11 +330,7 @@ def file_report(config: Config, good: list[dict[str, Any]], problems: list[Probl
         if dataset.dataset_type not in ("image", "conditioning") or dataset.disabled or dataset.generator or \
                 dataset.data_root.startswith(hub_rows.SCHEME):
             continue
-        try:
-            files = list_files(dataset.data_root, dataset.storage_options)
-        except DatasetError:  # a missing folder is a problem of its own
-            continue
-        for rel, url in files.items():
+        for rel, url in listings.get(dataset.data_root, {}).items():
             report.setdefault(url, file_fate(url, rel, dataset, used, named))
     return report
 
@@ -331,14 +342,12 @@ def file_fate(url: str, rel: str, dataset: DatasetConfig, used: set[str], named:
         return f"skipped: {named[url]}" if named[url] == BELOW_MINIMUM else f"error: {named[url]}"
     if rel.lower().endswith(IMAGE_EXTENSIONS):
         return "skipped: its pair is left out (another of its files has a problem)"
-    if rel.endswith(".txt") and dataset.caption_strategy == "textfile":
-        return "skipped: a caption of a pair left out, or of no image"
-    strategy = dataset.caption_strategy
-    return "skipped: not an image" + (" or caption" if strategy == "textfile" else f" (captions: {strategy})" if strategy else "")
+    if dataset.caption_strategy != "textfile":
+        return "skipped: not an image" + (f" (captions: {dataset.caption_strategy})" if dataset.caption_strategy else "")
+    return "skipped: a caption of a pair left out, or of no image" if rel.endswith(".txt") else "skipped: not an image or caption"
 
 
 def count_fates(report: dict[str, str]) -> str:
     """-> `N files: U used, S skipped, E error` (the reasons are the report's problems)."""
     counts = Counter(fate.split(":")[0] for fate in report.values())
     return f"{len(report)} files: " + ", ".join(f"{counts[k]} {k}" for k in (USED, "skipped", "error"))
-

@@ -120,19 +120,18 @@ def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:
     """-> the manifest training reads. Cached mode: build the cache. Streaming: check the dataset and cache only
     the validation pairs; the manifest rows carry the image URLs the workers' encoders read."""
     from longcat_ray.cache import STREAM_KEYS, build_cache, cache_pairs, make_plan, manifest_rows, read_manifest
-    from longcat_ray.pairs import count_fates, file_report, prepare_pairs
+    from longcat_ray.pairs import count_fates, prepare_pairs
 
     if not config.data.cache_streaming:
         print(build_cache(config, progress=progress))
         return read_manifest(config)
-    pairs, problems = prepare_pairs(config)
+    pairs, problems, fates = prepare_pairs(config)
     plan = make_plan(config)
     rows = manifest_rows(pairs, plan, STREAM_KEYS)
     chosen = {m["sample_id"] for m in validation_pairs(rows, config)}
     summary = cache_pairs([p for p in pairs if p["sample_id"] in chosen], plan, progress=progress)
     skipped = "".join(f"\n  skipped: {p}" for p in problems)
-    files = count_fates(file_report(config, pairs, problems))
-    print(f"streaming {len(pairs)} pairs ({len(problems)} skipped; {files}); validation pairs cached: {summary}{skipped}")
+    print(f"streaming {len(pairs)} pairs ({len(problems)} skipped; {count_fates(fates)}); validation pairs cached: {summary}{skipped}")
     return rows
 
 
@@ -259,7 +258,8 @@ def run_worker(loop_config: dict[str, Any]) -> None:
             state = WorkerState(**load_checkpoint(engine, directory)["longcat_ray"])
     loop = TrainingLoop(config=config, engine=engine, params=params, scheduler=scheduler, rank=rank, world=world,
                         device=device, dtype=dtype, state=state, manifest=loop_config["manifest"],
-                        plan=loop_config["plan"], progress=loop_config["progress"], started=started)
+                        plan=loop_config["plan"], progress=loop_config["progress"], cuda_graphs=levers["cuda_graphs"],
+                        started=started)
     loop.run()
 
 
@@ -372,6 +372,8 @@ class TrainingLoop:
     manifest: list[dict[str, Any]]
     plan: CachePlan
     progress: bool
+    cuda_graphs: bool = False
+    """Mark each micro-step a new CUDA-graph generation and validate eagerly (`resolved_levers`' `cuda_graphs`)."""
     started: float = field(default_factory=time.perf_counter)
 
     def run(self) -> None:
@@ -380,7 +382,6 @@ class TrainingLoop:
         train = self.config.train
         per_epoch = len(plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, 0)[self.rank])
         self.writer, self.window, self.last = self.open_logs(), Window(), {}
-        self.graphs = resolved_levers(self.config, self.device)["cuda_graphs"]
         self.profiler = StepProfiler(train.profile_steps if self.rank == 0 else None, self.device, self.log_dir())
         self.setup_s = time.perf_counter() - self.started
         self.setup_peak_gib = 0.0
@@ -439,7 +440,7 @@ class TrainingLoop:
         from longcat_ray.model.loss import flow_matching_loss, to_device
 
         move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
-        if self.graphs:  # a new generation of the graph tree: the last step's graph outputs may be overwritten
+        if self.cuda_graphs:  # a new generation of the graph tree: the last step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with record_function("lcr:forward"):  # phases named in a profile's trace (StepProfiler)
             loss = flow_matching_loss(self.engine, move(inputs["edit"]), move(inputs["ref"]), move(inputs["text"]), inputs)
@@ -516,7 +517,7 @@ class TrainingLoop:
         module = self.engine.module
         module.eval()
         # with CUDA graphs the compiled blocks replay a training step's tree; validation runs them eagerly instead
-        with torch.compiler.set_stance("force_eager" if self.graphs else "default"):
+        with torch.compiler.set_stance("force_eager" if self.cuda_graphs else "default"):
             grid = validate_cached(module, self.vae, samples, self.config)
         module.train()
         if self.rank == 0:

@@ -68,7 +68,7 @@ def test_each_generator_is_a_reference_dataset_paired_with_every_edit(ray_local,
     assert not warnings
     edit = config.data.dataset("photos")
     assert edit.conditioning_data == ["photos_conditioning_superresolution", "photos_conditioning_jpeg_artifacts"]
-    good, problems = prepare_pairs(config)
+    good, problems, _ = prepare_pairs(config)
     assert not problems and len(good) == 6  # 3 edits x 2 generated references; each epoch trains one per edit
     for row in good:
         ref = config.data.dataset(row["ref_dataset_id"])

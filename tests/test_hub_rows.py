@@ -68,7 +68,7 @@ def test_rows_pair_by_row_with_the_instruction_from_the_nested_caption(ray_local
     folder, composites = subjects
     config, warnings = load_config(write_config(tmp_path, folder))
     assert not warnings
-    good, problems = prepare_pairs(config)
+    good, problems, _ = prepare_pairs(config)
     assert not problems
     assert sorted(int(r["sample_id"].split("/")[1]) for r in good) == KEEP  # the filter, SimpleTuner's rules
     for row in good:

@@ -77,7 +77,7 @@ def test_skip_bad_pairs_keeps_the_good_ones_and_says_which(ray_local, broken, ca
     raw = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**raw, "skip_bad_pairs": True}))
     config, _ = load_config(broken / "config.json")
-    good, problems = prepare_pairs(config)
+    good, problems, _ = prepare_pairs(config)
     assert sorted(r["sample_id"] for r in good) == ["e/good_a", "e/good_b", "e/sub/nested"]
     assert len(problems) == 8
     assert all(r["caption"] == "make it blue" and (r["bucket_w"], r["bucket_h"]) == (128, 128) for r in good)
@@ -105,7 +105,7 @@ def test_small_edits_are_left_out_and_listed_without_stopping_the_run(ray_local,
         png(refs / f"{stem}.png", size=(32, 32), colour="blue")  # references are exempt
         (edits / f"{stem}.txt").write_text("make it blue")
     config, _ = load_config(write_backend(tmp_path, edits, {"r": refs}, minimum=100))
-    good, problems = prepare_pairs(config)  # no DatasetError, no skip_bad_pairs needed
+    good, problems, _ = prepare_pairs(config)  # no DatasetError, no skip_bad_pairs needed
     assert sorted(r["sample_id"] for r in good) == ["e/big", "e/wide"]  # 320x40 has 100x100 of area
     assert [(p.kind, p.file) for p in problems] == [("image below minimum size", str(edits / "tiny.png"))]
     assert "under 100x100 px of area" in problems[0].detail
@@ -118,7 +118,7 @@ def test_two_reference_sets_give_each_edit_one_pair_per_set(ray_local, tmp_path)
     for stem in ("a", "b"):
         (tmp_path / "edits" / f"{stem}.txt").write_text("recolour it")
     config, _ = load_config(write_backend(tmp_path, tmp_path / "edits", {r: tmp_path / r for r in ("r1", "r2")}))
-    good, problems = prepare_pairs(config)
+    good, problems, _ = prepare_pairs(config)
     assert not problems
     assert sorted((r["sample_id"], r["group"], r["ref_dataset_id"]) for r in good) == [
         ("e/a@r1", "e/a", "r1"), ("e/a@r2", "e/a", "r2"), ("e/b@r1", "e/b", "r1"), ("e/b@r2", "e/b", "r2")]
@@ -137,8 +137,6 @@ def battery(tmp_path):
     import io
     import os
     import struct
-
-    import numpy as np
 
     edits, refs = tmp_path / "edits", tmp_path / "refs"
     fates = {}
@@ -208,12 +206,12 @@ def test_the_input_battery_gets_its_documented_outcomes_and_every_file_is_counte
     """Truncated, lying, empty, bomb, CMYK, 16-bit, grey+alpha, EXIF-turned, non-UTF-8 and empty captions, names that
     differ in case or extension only, nested folders, a symlink loop, a far smaller reference: the good ones train
     (decoded upright, 8-bit RGB), the rest are named, and the file report gives every file exactly one fate."""
-    from longcat_ray.pairs import decode_image, file_report
+    from longcat_ray.pairs import decode_image
 
     folder, fates = battery
     config, _ = load_config(folder / "config.json")
-    good, problems = prepare_pairs(config)
-    report = {url.removeprefix(str(folder) + "/"): fate for url, fate in file_report(config, good, problems).items()}
+    good, problems, report = prepare_pairs(config)
+    report = {url.removeprefix(str(folder) + "/"): fate for url, fate in report.items()}
     assert report == fates
     assert sorted(r["sample_id"] for r in good) == sorted(f"e/{s}" for s in ("good", "a/b/nested", "cmyk", "deep", "grey_alpha",
                                                                               "turned", "jpeg_inside"))

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import signal
-import threading
 import time
 
 import psutil
@@ -226,7 +225,7 @@ def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_hap
     import sys
 
     cached, _ = reference
-    raw = json.loads(open(tiny.config).read())
+    raw = json.loads(tiny.config.read_text())
     raw.update({"--output_dir": str(tmp_path / "out"), "--max_train_steps": STEPS, "--checkpointing_steps": 4,
                 "--lora_alpha": 8, "--validation_steps": 0, "--max_failures": 2})
     (tmp_path / "config.json").write_text(json.dumps(raw))
