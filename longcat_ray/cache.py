@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from longcat_ray.buckets import fit_to_bucket
 from longcat_ray.config import Config
+from longcat_ray.runtime import accelerator_resource, gpus_up
 from longcat_ray.model.latents import encode_latents, pixels_to_tensor
 from longcat_ray.model.prompt import (
     PROMPT_ENCODING,
@@ -66,6 +68,8 @@ class CachePlan:
     compile: bool | None = None
     """torch.compile the VAE encoder and the vision blocks (GPU actors only); None: when an actor has
     AUTO_COMPILE_PAIRS to encode."""
+    accelerator_type: str | None = None
+    """GPU model the encoder actors run on (`cache_accelerator_type`); None: any GPU, or the CPU without one."""
 
 
 @dataclass(kw_only=True)
@@ -110,6 +114,7 @@ def make_plan(config: Config) -> CachePlan:
         blank=config.train.caption_dropout_probability > 0 or (config.validation.steps > 0 and config.validation.guidance > 1),
         batch_size=config.data.cache_batch_size,
         compile=config.data.cache_compile,
+        accelerator_type=config.data.cache_accelerator_type or config.train.accelerator_type,
     )
 
 
@@ -509,14 +514,20 @@ def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | N
     CPU tasks write."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    encoded = encoded_rows(rows, plan, workers or max(1, gpus), 1 if gpus else 0, factory)
+    accelerator = plan.accelerator_type
+    gpus = gpus_up(accelerator)
+    if accelerator and not gpus:
+        print(f"ray: no {accelerator} GPU is up: {workers or 1} encoder actor(s) wait for the cluster's autoscaler to "
+              "start one (`ray status` shows it launching)", file=sys.stderr, flush=True)
+    encoded = encoded_rows(rows, plan, workers or max(1, gpus), 1 if gpus or accelerator else 0, factory, accelerator)
     return encoded.map_batches(write_batch, **cpu_stage(plan))
 
 
-def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_per_actor: float, factory=None):
-    """Stages 1-2, shared by the cache and the stream: CPU tasks prepare, `actors` CacheEncoders encode. The
-    rows come out with a safetensors blob per entry kind (`<kind>_tensors`), in order when the context keeps it."""
+def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_per_actor: float, factory=None,
+                 accelerator_type: str | None = None):
+    """Stages 1-2, shared by the cache and the stream: CPU tasks prepare, `actors` CacheEncoders encode (on GPUs of
+    `accelerator_type` when set). The rows come out with a safetensors blob per entry kind (`<kind>_tensors`), in
+    order when the context keeps it."""
     import ray
 
     # one block per batch: the encoders get full batches, not a full one and a remainder per block
@@ -532,6 +543,7 @@ def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_
         compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         num_gpus=actor["GPU"],
         num_cpus=actor["CPU"],
+        **({"resources": accelerator_resource(accelerator_type)} if gpus_per_actor and accelerator_type else {}),
         batch_size=plan.batch_size,
     )
 
@@ -570,7 +582,7 @@ def build_cache(config: Config, workers: int | None = None, progress: bool = Tru
 
     pairs, problems, fates = prepare_pairs(config)
     plan = make_plan(config)
-    summary = cache_pairs(pairs, plan, workers, progress)
+    summary = cache_pairs(pairs, plan, workers or config.data.cache_workers, progress)
     summary.skipped, summary.manifest = [str(p) for p in problems], manifest_url(config)
     summary.files = count_fates(fates)
     write_manifest(summary.manifest, plan.options["text"], manifest_rows(pairs, plan))

@@ -82,6 +82,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
         return EXIT_BAD_INPUT
+    if args.accelerator_type:
+        config.data.cache_accelerator_type = args.accelerator_type
     if not join_ray(args.address):
         return EXIT_CLUSTER
     try:
@@ -103,6 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if args.workers:
         config.train.num_workers = args.workers
+    if args.accelerator_type:
+        config.train.accelerator_type = args.accelerator_type
     if not join_ray(args.address):
         return EXIT_CLUSTER
     try:
@@ -255,9 +259,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_config_and_workers(parser: argparse.ArgumentParser, workers_help: str) -> None:
+def add_config_and_workers(parser: argparse.ArgumentParser, workers_help: str, accelerator_help: str) -> None:
     parser.add_argument("--config", required=True, help="path to config.json")
     parser.add_argument("--workers", type=int, default=None, help=workers_help)
+    parser.add_argument("--accelerator-type", default=None, metavar="GPU", help=accelerator_help)
     add_address(parser)
 
 
@@ -302,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         "encode VAE latents of both images and the VL prompt embedding of (instruction, reference) for what is "
         "new or changed, on one encoder actor per GPU. Connects to RAY_ADDRESS when set, else starts a local Ray.",
     )
-    add_config_and_workers(cache, "encoder actors (default: one per GPU, 1 on CPU)")
+    add_config_and_workers(cache, "encoder actors (default: one per GPU, 1 on CPU)",
+                           "GPU model the encoder actors run on, as Ray names it (L40S, H100, ...; config key "
+                           "cache_accelerator_type): an autoscaler starts nodes of that model for them")
     cache.set_defaults(func=cmd_cache)
 
     train = sub.add_parser(
@@ -313,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "from the last checkpoint when a worker dies. Re-running the same command resumes "
         "(resume_from_checkpoint: latest). The LoRA lands in output_dir/pytorch_lora_weights.safetensors.",
     )
-    add_config_and_workers(train, "training workers (default: every GPU, or 2 on CPU)")
+    add_config_and_workers(train, "training workers (default: every GPU, or 2 on CPU)",
+                           "GPU model the training workers run on, as Ray names it (H100, A100-80G, ...; config key "
+                           "accelerator_type): an autoscaler starts nodes of that model for them (give --workers)")
     train.set_defaults(func=cmd_train)
 
     validate = sub.add_parser(

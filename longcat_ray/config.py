@@ -176,6 +176,11 @@ class TrainConfig(Section):
     LoRA's gradients are 94 MB in bf16, so 2 saves little memory); 3 also the frozen base (no quantized base)."""
     num_workers: int | None = Field(None, ge=1)
     """Training workers (one per GPU); default: every GPU of the cluster, or 2 CPU workers without GPUs."""
+    accelerator_type: str | None = None
+    """GPU model the training workers must run on, as Ray names it (`H100`, `A100-80G`, `L40S`: a node's
+    `accelerator_type:<name>` resource, detected on GPU nodes and inferred by Ray's AWS autoscaler from the instance
+    type). Pins training to that node type on a cluster with several, and lets it ask an autoscaler for GPUs none of
+    which is up yet (then `num_workers` says how many). Null: whatever GPUs are up (CPU workers without any)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Where Ray puts the workers: PACK fills a node first (NVLink inside a host); SPREAD/STRICT_SPREAD put
     them on different nodes."""
@@ -337,6 +342,10 @@ class DataConfig(Section):
     default 8 is meant for smaller cards (its memory was not measured)."""
     cache_workers: int | None = Field(None, ge=1)
     """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
+    cache_accelerator_type: str | None = None
+    """GPU model the cache stage's encoder actors must run on (as `accelerator_type` for training, e.g. `L40S`): one
+    GPU each; with none of that model up, `cache_workers` actors (default 1) are asked of the autoscaler. Null: the
+    training's `accelerator_type`, else any GPU up (the CPU without one)."""
     cache_compile: bool | None = None
     """torch.compile the VAE encoder and the vision tower's blocks in the cache stage's GPU actors (on an H100 at
     768²: VAE 13.9 -> 7.7 ms per image, vision tower 5.7 -> 3.9 ms per pair) after a compile warm-up. Default (null): on when an actor has at
@@ -395,7 +404,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "validation_num_pairs": ("validation", "num_pairs"),
     **{k: ("data", k) for k in (
         "data_backend_config", "aspect_bucket_alignment", "minimum_image_size", "skip_bad_pairs", "cache_batch_size",
-        "cache_workers", "cache_compile", "cache_streaming", "stream_encoder_gpus",
+        "cache_workers", "cache_accelerator_type", "cache_compile", "cache_streaming", "stream_encoder_gpus",
     )},
 }
 # Datasets SimpleTuner uses as embedding caches for other models' encoders: nothing for LongCat to read.

@@ -79,3 +79,21 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
     except OSError as err:
         raise ConnectionError(f"nothing listens at {address} ({err.strerror or err})") from None
+
+
+def accelerator_resource(accelerator_type: str | None) -> dict[str, float]:
+    """The resource that pins a task or actor to a GPU model: Ray gives each GPU node `accelerator_type:<model>`
+    (detected on the node; inferred from the instance type by Ray's AWS autoscaler), and a tiny ask of it places
+    work only there, as Ray Train's `ScalingConfig.accelerator_type` does."""
+    return {f"accelerator_type:{accelerator_type}": 0.001} if accelerator_type else {}
+
+
+def gpus_up(accelerator_type: str | None = None) -> int:
+    """GPUs on the cluster's live nodes now; with `accelerator_type`, only those of that model (an autoscaler may
+    add more later: none of its node types count before they start)."""
+    import ray
+
+    if not accelerator_type:
+        return int(ray.cluster_resources().get("GPU", 0))
+    key = next(iter(accelerator_resource(accelerator_type)))
+    return int(sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive") and key in n["Resources"]))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,10 +49,17 @@ def run_name(config: Config) -> str:
 
 
 def worker_count(config: Config, gpus: int) -> int:
-    """Training workers: `num_workers`, else one per GPU (in streaming mode, per GPU left beside each worker's
-    encoder actor), else 2 on a CPU-only cluster."""
+    """Training workers: `num_workers`, else one per GPU up (of `accelerator_type` when set; in streaming mode, per
+    GPU left beside each worker's encoder actor), else 2 on a CPU-only cluster."""
+    accelerator = config.train.accelerator_type
     if config.train.num_workers:
         return config.train.num_workers
+    if accelerator and not gpus:
+        raise ClusterTooSmall(
+            f"accelerator_type is {accelerator!r} and no {accelerator} GPU is up on the cluster, so how many training "
+            f"workers to ask for cannot be read from it. Fix: set num_workers (--workers N): the cluster's autoscaler "
+            f"starts {accelerator} nodes for them; or an accelerator_type the cluster has (`ray status` lists its "
+            "resources).")
     if not gpus:
         return 2
     share = 1 + (config.data.stream_encoder_gpus if config.data.cache_streaming else 0)
@@ -62,9 +70,11 @@ class ClusterTooSmall(RuntimeError):
     """The cluster cannot hold the run's plan and no autoscaler can add what is missing."""
 
 
-def worker_resources(gpus: int) -> dict[str, float]:
-    """One training worker's placement-group bundle (Ray Train's: one CPU, and its GPU)."""
-    return {"CPU": 1, **({"GPU": 1} if gpus else {})}
+def worker_resources(gpus: int, accelerator_type: str | None = None) -> dict[str, float]:
+    """One training worker's placement-group bundle (Ray Train's: one CPU, and its GPU, of that model when set)."""
+    from longcat_ray.runtime import accelerator_resource
+
+    return {"CPU": 1, **({"GPU": 1, **accelerator_resource(accelerator_type)} if gpus else {})}
 
 
 def reader_resources(config: Config, gpus: int) -> dict[str, float]:
@@ -142,24 +152,31 @@ def train(config: Config, progress: bool = True) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from longcat_ray.cache import make_plan
+    from longcat_ray.runtime import gpus_up
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    accelerator = config.train.accelerator_type
+    gpus = gpus_up(accelerator)
     workers = worker_count(config, gpus)
-    bundle = worker_resources(gpus)
-    # before the cache stage: a plan that cannot run is refused at once
-    check_cluster_fits(bundle, reader_resources(config, gpus), workers)
+    gpu_plan = gpus > 0 or accelerator is not None
+    bundle = worker_resources(gpu_plan, accelerator)
+    if accelerator and gpus < workers:
+        print(f"ray: {gpus} {accelerator} GPUs up, {workers} to train on: waiting for the cluster's autoscaler to start "
+              "the rest (`ray status` shows them launching)", file=sys.stderr, flush=True)
+    else:  # before the cache stage: a plan that cannot run is refused at once
+        check_cluster_fits(bundle, reader_resources(config, gpu_plan), workers)
     manifest = prepare_data(config, progress)
     resume = config.train.resume_from_checkpoint
     explicit = Checkpoint(resume) if resume and resume != "latest" else None
     trainer = TorchTrainer(
         train_loop,
+        torch_config=worker_device_torch_config(),
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "manifest": manifest,
             "plan": make_plan(config),
             "progress": progress,
         },
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=bundle,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu_plan, resources_per_worker=bundle,
                                      placement_strategy=config.train.placement_strategy),
         run_config=RunConfig(
             storage_path=config.train.output_dir,
@@ -235,6 +252,7 @@ def sendable(err: Exception) -> Exception:
 
 
 def run_worker(loop_config: dict[str, Any]) -> None:
+    import ray
     import ray.train
 
     from longcat_ray.zero import load_checkpoint
@@ -250,6 +268,9 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     levers = resolved_levers(config, device)
     if rank == 0:
         print(f"training on {world} x {device.type}: " + ", ".join(f"{k} {v}" for k, v in levers.items()), flush=True)
+    if device.type == "cpu" and ray.get_gpu_ids():
+        print(f"rank {rank} holds Ray GPU {ray.get_gpu_ids()} but torch sees no CUDA device: training on the CPU "
+              "(expected on Ray's fake test nodes; on a real cluster check the node's NVIDIA driver)", flush=True)
     engine, params, scheduler = build_model(config, levers, world, device, dtype)
     state = WorkerState()
     checkpoint = ray.train.get_checkpoint()
@@ -261,6 +282,33 @@ def run_worker(loop_config: dict[str, Any]) -> None:
                         plan=loop_config["plan"], progress=loop_config["progress"], cuda_graphs=levers["cuda_graphs"],
                         started=started)
     loop.run()
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def worker_device_torch_config():
+    """Ray Train's TorchConfig with the process group's backend picked on the workers: NCCL where they see CUDA, gloo
+    where they do not. A worker can hold a Ray `GPU` with no CUDA device behind it (the logical GPUs of Ray's fake
+    multi-node clusters in tests/test_jobs.py; a node whose driver failed): NCCL would stop there with "no GPUs
+    found", while the worker trains on its CPU and says so in its first line."""
+    import dataclasses
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class WorkerDeviceBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            backend = "nccl" if worker_group.execute_single(0, has_cuda) else "gloo"
+            super().on_start(worker_group, dataclasses.replace(backend_config, backend=backend))
+
+    class WorkerDeviceTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return WorkerDeviceBackend
+
+    return WorkerDeviceTorchConfig()
 
 
 def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
@@ -417,7 +465,8 @@ class TrainingLoop:
         batches = plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, epoch)[self.rank]
         if data.cache_streaming:
             gpus = data.stream_encoder_gpus if torch.cuda.is_available() else 0
-            yield from group_encoded(stream_dataset(batches, self.plan, gpus, start).iter_rows())
+            accelerator = train.accelerator_type if gpus else None
+            yield from group_encoded(stream_dataset(batches, self.plan, gpus, start, accelerator).iter_rows())
             return
         for row in shard_dataset(batches, self.plan.options, start=start).iter_rows():
             yield json.loads(row["sample_ids"]), batch_tensors(row)

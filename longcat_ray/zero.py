@@ -97,6 +97,8 @@ def init_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], train:
     import deepspeed
 
     fused = torch.cuda.is_available()
+    if not fused:
+        without_cpu_shm_op()
     clipping = {"max_norm": train.max_grad_norm} if optimizer_clips(train) else {}
     optimizer = (ClippingAdamW if clipping else torch.optim.AdamW)(
         params,
@@ -115,6 +117,17 @@ def init_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], train:
         dist_init_required=False,
     )
     return engine, scheduler
+
+
+def without_cpu_shm_op() -> None:
+    """Keeps DeepSpeed from building its CPU shared-memory all-reduce when it sets up communication on a CPU worker:
+    a C++ JIT compile (~100 s of both cores on a 2-core machine, and again whenever another process had built it with
+    other flags) used only by DeepSpeed's inference all-reduce, never in training (torch.distributed's all-reduce
+    runs ours). DeepSpeed asks `deepspeed.ops.__compatible_ops__` whether to build it, a dict it keeps for edits."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ dir, ports and token, stopped without touching the session's other Ray."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -53,10 +54,42 @@ def stop_cluster(temp_dir: Path) -> None:
         process.kill()
 
 
+def fake_autoscaler(config: dict, gcs: int, v2: bool, root: Path) -> tuple[list[str], dict]:
+    """Ray's own autoscaler (v1 or v2) over its fake multi-node provider: worker nodes are raylets on this machine,
+    started and stopped by the autoscaler as it would start cloud instances -> (`ray start --head` args, env).
+    `config` is an autoscaler config (`available_node_types`, `head_node_type`, `idle_timeout_minutes`, ...)."""
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID, FAKE_HEAD_NODE_TYPE
+
+    config = {**config, "cluster_name": "fake", "auth": {}, "docker": {}, "max_workers": config.get("max_workers", 8)}
+    # "external" naming the fake provider's class (tests/fake_nodes.py: one runtime-env folder per node): type
+    # fake_multinode would read the provider's example.yaml for defaults, which Ray's wheel does not ship
+    config["provider"] = {"type": "external", "module": "tests.fake_nodes.FakeNodesWithOwnDisks",
+                          "use_node_id_as_ip": True, "disable_node_updaters": True,
+                          "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs}",
+                          **({"launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID} if v2 else {})}
+    types = dict(config["available_node_types"])
+    types[FAKE_HEAD_NODE_TYPE] = {**types.pop(config["head_node_type"]), "max_workers": 0}  # the provider's head type
+    config.update(available_node_types=types, head_node_type=FAKE_HEAD_NODE_TYPE)
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "initialization_commands",
+                "head_start_ray_commands", "worker_start_ray_commands", "rsync_exclude", "rsync_filter",
+                "cluster_synced_files"):
+        config[key] = []
+    config.update(file_mounts={}, file_mounts_sync_continuously=False)
+    path = root / "autoscaler.json"
+    path.write_text(json.dumps(config))
+    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "PYTHONPATH": str(REPO)}  # the provider
+    if v2:
+        env.update(RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
+                   RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID)
+    return [f"--autoscaling-config={path}"], env
+
+
 @contextlib.contextmanager
-def local_cluster(head_cpus: int, node_cpus: tuple[int, ...] = ()) -> Iterator[dict]:
+def local_cluster(head_cpus: int, node_cpus: tuple[int, ...] = (), autoscaler: dict | None = None,
+                  v2: bool = False) -> Iterator[dict]:
     """A head with `head_cpus` CPUs and one node per `node_cpus`, no GPUs -> {"env" (token auth, RAY_ADDRESS
-    unset), "gcs" (host:port for --address / RAY_ADDRESS), "address" (the dashboard, for `ray job`)}."""
+    unset), "gcs" (host:port for --address / RAY_ADDRESS), "address" (the dashboard, for `ray job`)}. With
+    `autoscaler` (a config, see `fake_autoscaler`): Ray's autoscaler adds and removes the worker nodes."""
     root = Path(tempfile.mkdtemp(prefix="lcr", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -64,16 +97,18 @@ def local_cluster(head_cpus: int, node_cpus: tuple[int, ...] = ()) -> Iterator[d
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     gcs, dashboard = free_port(), free_port()
     temp_dir = root / "ray"
+    head_args, head_env = fake_autoscaler(autoscaler, gcs, v2, root) if autoscaler else ([], {})
     # Own agent ports: the defaults (e.g. 52365) may be taken by the session's other local Ray.
     common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats"]
     try:
         run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-             "--num-cpus", str(head_cpus), "--temp-dir", str(temp_dir), *common], env)
+             "--num-cpus", str(head_cpus), "--temp-dir", str(temp_dir), *common, *head_args], {**env, **head_env})
         for cpus in node_cpus:
             run([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", str(cpus),
                  "--dashboard-agent-listen-port", str(free_port()), *common], env)
-        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "address": f"http://127.0.0.1:{dashboard}"}
+        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "address": f"http://127.0.0.1:{dashboard}",
+               "logs": temp_dir / "session_latest" / "logs"}
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(root, ignore_errors=True)

@@ -31,6 +31,9 @@ def test_a_quantized_base_frees_the_weights_it_replaces(tiny, one_rank_group):
     transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=str(tiny.model)), torch.float32, torch.device("cpu"))
     params = add_lora(transformer, LoraConfig(rank=4), seed=0)
     engine, _ = init_engine(transformer, params, TrainConfig(mixed_precision="no", max_train_steps=4), 1)
+    import deepspeed.comm
+
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None  # the CPU shm all-reduce (a JIT C++ build) was not built
     base = weakref.ref(transformer.transformer_blocks[0].attn.to_q.base_layer.weight)
     with frozen_weights_replaceable(engine):
         quantize_base(transformer, "int8-torchao")
