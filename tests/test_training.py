@@ -315,3 +315,17 @@ def test_the_plan_counts_each_readers_needs_and_refuses_what_cannot_run(tiny, tm
     check_cluster_fits(worker_resources(0), reader_resources(config, 0), 2)  # 2 x (1 + 0.5) CPUs of the 4
     with pytest.raises(ClusterTooSmall, match=r"GPU 2 needed, 0 in the cluster.*stream_encoder_gpus"):
         check_cluster_fits(worker_resources(1), reader_resources(config, 1), 1)
+
+
+def test_a_gpu_model_with_none_up_needs_a_worker_count_and_pins_each_worker(tiny, tmp_path):
+    """accelerator_type with no GPU of that model up (an autoscaling cluster at 0 workers): the count cannot be read
+    from the cluster, so the plan asks for num_workers; each worker's bundle then asks for that model."""
+    from longcat_ray.training import ClusterTooSmall, worker_count, worker_resources
+
+    config = tiny_config(tiny, tmp_path, accelerator_type="H100")
+    with pytest.raises(ClusterTooSmall, match=r"no H100 GPU is up.*Fix: set num_workers \(--workers N\)"):
+        worker_count(config, gpus=0)
+    assert worker_count(config, gpus=8) == 8
+    config.train.num_workers = 16
+    assert worker_count(config, gpus=0) == 16
+    assert worker_resources(True, "H100") == {"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001}
