@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -61,7 +62,10 @@ def on_this_machine(config: dict, cpus_per_unit: int) -> dict:
 def submit(cluster: dict, script: str, *args: str) -> str:
     """The README's command; returns the job's log after checking it SUCCEEDED. A job whose workers fit no node type
     waits for them forever: 420 s (the AWS test's three jobs took 363 s together on 2 cores) makes that a failure."""
-    status, logs = submit_job(cluster, script, *args, timeout=420)
+    try:
+        status, logs = submit_job(cluster, script, *args, timeout=420)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{script} still waits after 420 s: does its work fit no node type?\n{autoscaler_status(cluster)}")
     assert "succeeded" in status, f"{status}\n{logs[-4000:]}\n{autoscaler_status(cluster)}"
     return logs
 
