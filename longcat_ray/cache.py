@@ -69,7 +69,8 @@ class CachePlan:
     """torch.compile the VAE encoder and the vision blocks (GPU actors only); None: when an actor has
     AUTO_COMPILE_PAIRS to encode."""
     accelerator_type: str | None = None
-    """GPU model the encoder actors run on (`cache_accelerator_type`); None: any GPU, or the CPU without one."""
+    """GPU model the encoder actors run on, the cache stage's and streaming's (`cache_accelerator_type`, else the
+    training's); None: any GPU, or the CPU without one."""
 
 
 @dataclass(kw_only=True)
@@ -519,15 +520,14 @@ def encode_dataset(rows: list[dict[str, Any]], plan: CachePlan, workers: int | N
     if accelerator and not gpus:
         print(f"ray: no {accelerator} GPU is up: {workers or 1} encoder actor(s) wait for the cluster's autoscaler to "
               "start one (`ray status` shows it launching)", file=sys.stderr, flush=True)
-    encoded = encoded_rows(rows, plan, workers or max(1, gpus), 1 if gpus or accelerator else 0, factory, accelerator)
+    encoded = encoded_rows(rows, plan, workers or max(1, gpus), 1 if gpus or accelerator else 0, factory)
     return encoded.map_batches(write_batch, **cpu_stage(plan))
 
 
-def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_per_actor: float, factory=None,
-                 accelerator_type: str | None = None):
+def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_per_actor: float, factory=None):
     """Stages 1-2, shared by the cache and the stream: CPU tasks prepare, `actors` CacheEncoders encode (on GPUs of
-    `accelerator_type` when set). The rows come out with a safetensors blob per entry kind (`<kind>_tensors`), in
-    order when the context keeps it."""
+    the plan's `accelerator_type` when they have GPUs). The rows come out with a safetensors blob per entry kind
+    (`<kind>_tensors`), in order when the context keeps it."""
     import ray
 
     # one block per batch: the encoders get full batches, not a full one and a remainder per block
@@ -543,7 +543,7 @@ def encoded_rows(rows: list[dict[str, Any]], plan: CachePlan, actors: int, gpus_
         compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         num_gpus=actor["GPU"],
         num_cpus=actor["CPU"],
-        **({"resources": accelerator_resource(accelerator_type)} if gpus_per_actor and accelerator_type else {}),
+        **({"resources": accelerator_resource(plan.accelerator_type)} if gpus_per_actor and plan.accelerator_type else {}),
         batch_size=plan.batch_size,
     )
 

@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_config_and_workers(parser: argparse.ArgumentParser, workers_help: str, accelerator_help: str) -> None:
+def add_run_options(parser: argparse.ArgumentParser, workers_help: str, accelerator_help: str) -> None:
     parser.add_argument("--config", required=True, help="path to config.json")
     parser.add_argument("--workers", type=int, default=None, help=workers_help)
     parser.add_argument("--accelerator-type", default=None, metavar="GPU", help=accelerator_help)
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "encode VAE latents of both images and the VL prompt embedding of (instruction, reference) for what is "
         "new or changed, on one encoder actor per GPU. Connects to RAY_ADDRESS when set, else starts a local Ray.",
     )
-    add_config_and_workers(cache, "encoder actors (default: one per GPU, 1 on CPU)",
+    add_run_options(cache, "encoder actors (default: one per GPU, 1 on CPU)",
                            "GPU model the encoder actors run on, as Ray names it (L40S, H100, ...; config key "
                            "cache_accelerator_type): an autoscaler starts nodes of that model for them")
     cache.set_defaults(func=cmd_cache)
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from the last checkpoint when a worker dies. Re-running the same command resumes "
         "(resume_from_checkpoint: latest). The LoRA lands in output_dir/pytorch_lora_weights.safetensors.",
     )
-    add_config_and_workers(train, "training workers (default: every GPU, or 2 on CPU)",
+    add_run_options(train, "training workers (default: every GPU, or 2 on CPU)",
                            "GPU model the training workers run on, as Ray names it (H100, A100-80G, ...; config key "
                            "accelerator_type): an autoscaler starts nodes of that model for them (give --workers)")
     train.set_defaults(func=cmd_train)

@@ -343,8 +343,8 @@ class DataConfig(Section):
     cache_workers: int | None = Field(None, ge=1)
     """Encoder actors; default one per GPU of the cluster, or one on a CPU-only cluster."""
     cache_accelerator_type: str | None = None
-    """GPU model the cache stage's encoder actors must run on (as `accelerator_type` for training, e.g. `L40S`): one
-    GPU each; with none of that model up, `cache_workers` actors (default 1) are asked of the autoscaler. Null: the
+    """GPU model the encoder actors must run on, the cache stage's and (in streaming mode) each training worker's (as
+    `accelerator_type` for training, e.g. `L40S`): one GPU each; with none of that model up, `cache_workers` actors (default 1) are asked of the autoscaler. Null: the
     training's `accelerator_type`, else any GPU up (the CPU without one)."""
     cache_compile: bool | None = None
     """torch.compile the VAE encoder and the vision tower's blocks in the cache stage's GPU actors (on an H100 at

@@ -119,18 +119,16 @@ def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
-def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder_gpus: float, start: int = 0,
-                   accelerator_type: str | None = None):
+def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder_gpus: float, start: int = 0):
     """Streaming mode: a rank's planned batches from `start` on, encoded as they are needed and never written.
-    CPU tasks decode and fit the images; the rank's own encoder actor (the cache stage's; on a GPU of
-    `accelerator_type` when set) encodes them."""
+    CPU tasks decode and fit the images; the rank's own encoder actor (the cache stage's) encodes them."""
     import ray
 
     from longcat_ray.cache import encoded_rows
 
     rows = [{**{k: m[k] for k in STREAM_KEYS}, "batch_index": i} for i, b in enumerate(batches) if i >= start for m in b]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return encoded_rows(rows, plan, actors=1, gpus_per_actor=encoder_gpus, accelerator_type=accelerator_type)
+    return encoded_rows(rows, plan, actors=1, gpus_per_actor=encoder_gpus)
 
 
 def group_encoded(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:

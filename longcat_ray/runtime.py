@@ -81,11 +81,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConnectionError(f"nothing listens at {address} ({err.strerror or err})") from None
 
 
+def accelerator_key(accelerator_type: str) -> str:
+    """The resource Ray gives each GPU node for its GPU model (detected on the node; inferred from the instance type
+    by Ray's AWS autoscaler): `accelerator_type:H100`."""
+    return f"accelerator_type:{accelerator_type}"
+
+
 def accelerator_resource(accelerator_type: str | None) -> dict[str, float]:
-    """The resource that pins a task or actor to a GPU model: Ray gives each GPU node `accelerator_type:<model>`
-    (detected on the node; inferred from the instance type by Ray's AWS autoscaler), and a tiny ask of it places
-    work only there, as Ray Train's `ScalingConfig.accelerator_type` does."""
-    return {f"accelerator_type:{accelerator_type}": 0.001} if accelerator_type else {}
+    """What pins a task or actor to a GPU model: a tiny ask of its `accelerator_key`, as Ray Train's
+    `ScalingConfig.accelerator_type` does."""
+    return {accelerator_key(accelerator_type): 0.001} if accelerator_type else {}
 
 
 def gpus_up(accelerator_type: str | None = None) -> int:
@@ -95,5 +100,5 @@ def gpus_up(accelerator_type: str | None = None) -> int:
 
     if not accelerator_type:
         return int(ray.cluster_resources().get("GPU", 0))
-    key = next(iter(accelerator_resource(accelerator_type)))
+    key = accelerator_key(accelerator_type)
     return int(sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive") and key in n["Resources"]))

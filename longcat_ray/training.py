@@ -70,11 +70,12 @@ class ClusterTooSmall(RuntimeError):
     """The cluster cannot hold the run's plan and no autoscaler can add what is missing."""
 
 
-def worker_resources(gpus: int, accelerator_type: str | None = None) -> dict[str, float]:
-    """One training worker's placement-group bundle (Ray Train's: one CPU, and its GPU, of that model when set)."""
+def worker_resources(gpu: bool, accelerator_type: str | None = None) -> dict[str, float]:
+    """One training worker's placement-group bundle (Ray Train's: one CPU, and with `gpu` its GPU, of that model when
+    set)."""
     from longcat_ray.runtime import accelerator_resource
 
-    return {"CPU": 1, **({"GPU": 1, **accelerator_resource(accelerator_type)} if gpus else {})}
+    return {"CPU": 1, **({"GPU": 1, **accelerator_resource(accelerator_type)} if gpu else {})}
 
 
 def reader_resources(config: Config, gpus: int) -> dict[str, float]:
@@ -252,7 +253,6 @@ def sendable(err: Exception) -> Exception:
 
 
 def run_worker(loop_config: dict[str, Any]) -> None:
-    import ray
     import ray.train
 
     from longcat_ray.zero import load_checkpoint
@@ -465,8 +465,7 @@ class TrainingLoop:
         batches = plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, epoch)[self.rank]
         if data.cache_streaming:
             gpus = data.stream_encoder_gpus if torch.cuda.is_available() else 0
-            accelerator = train.accelerator_type if gpus else None
-            yield from group_encoded(stream_dataset(batches, self.plan, gpus, start, accelerator).iter_rows())
+            yield from group_encoded(stream_dataset(batches, self.plan, gpus, start).iter_rows())
             return
         for row in shard_dataset(batches, self.plan.options, start=start).iter_rows():
             yield json.loads(row["sample_ids"]), batch_tensors(row)

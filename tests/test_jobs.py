@@ -23,6 +23,7 @@ from tests.ray_cluster import RAY, REPO, local_cluster, run, submit_job
 
 pytestmark = pytest.mark.slow
 IDLE_MINUTES = 0.1  # the configs' idle_timeout_minutes, shortened: nodes go 6 s after their last task
+CPUS_PER_UNIT = 48  # node types' CPUs divided by this: p5.48xlarge's 192 -> 4, the head's and L40S's -> 1
 
 
 def aws_node_types() -> dict:
@@ -45,13 +46,13 @@ def kuberay_node_types() -> dict:
     return _derive_autoscaling_config_from_ray_cr(cluster)
 
 
-def on_this_machine(config: dict, cpus_per_unit: int) -> dict:
-    """The node types for the fake provider: CPUs divided by `cpus_per_unit` (at least 1), memory left to Ray, a
+def on_this_machine(config: dict) -> dict:
+    """The node types for the fake provider: CPUs divided by CPUS_PER_UNIT (at least 1), memory left to Ray, a
     small object store; GPUs and custom resources as they are; idle timeout shortened."""
     types = {}
     for name, node in config["available_node_types"].items():
         resources = {k: v for k, v in node["resources"].items() if k != "memory"}
-        resources.update(CPU=max(1, math.ceil(resources["CPU"] / cpus_per_unit)), object_store_memory=150 * 2**20)
+        resources.update(CPU=max(1, math.ceil(resources["CPU"] / CPUS_PER_UNIT)), object_store_memory=150 * 2**20)
         types[name] = {"resources": resources, "node_config": {}, "min_workers": node.get("min_workers", 0),
                        "max_workers": node.get("max_workers", 0)}
     return {"available_node_types": types, "head_node_type": config["head_node_type"],
@@ -75,7 +76,7 @@ def autoscaler_status(cluster: dict) -> str:
 
 
 def nodes(cluster: dict) -> dict[str, dict]:
-    """node id -> {"alive", "resources"} for every node the cluster has had (dead ones too)."""
+    """node id -> {"alive", "head", "resources"} for every node the cluster has had (dead ones too)."""
     listed = run([RAY, "list", "nodes", "--address", cluster["address"], "--format", "json", "--detail",
                   "--limit", "1000"], cluster["env"]).stdout
     return {n["node_id"]: {"alive": n["state"] == "ALIVE", "head": n["is_head_node"],
@@ -91,8 +92,10 @@ def actor_nodes(cluster: dict, class_name: str) -> set[str]:
 
 def of_model(cluster: dict, node_ids: set[str], model: str) -> bool:
     """Every node in `node_ids` is a worker node carrying `accelerator_type:<model>` (never the head)."""
+    from longcat_ray.runtime import accelerator_key
+
     known = nodes(cluster)
-    return bool(node_ids) and all(not known[n]["head"] and f"accelerator_type:{model}" in known[n]["resources"]
+    return bool(node_ids) and all(not known[n]["head"] and accelerator_key(model) in known[n]["resources"]
                                   for n in node_ids)
 
 
@@ -100,7 +103,7 @@ def wait_scaled_down(cluster: dict, timeout: float = 120) -> None:
     """The autoscaler terminates the idle workers: only the head stays alive."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if [n for n in nodes(cluster).values() if n["alive"]] == [n for n in nodes(cluster).values() if n["head"]]:
+        if all(node["head"] for node in nodes(cluster).values() if node["alive"]):
             return
         time.sleep(2)
     raise AssertionError(f"idle workers still up after {timeout} s\n{autoscaler_status(cluster)}")
@@ -125,7 +128,7 @@ def test_aws_node_types_autoscale_for_the_cache_train_and_validate_jobs(tmp_path
 
     types = aws_node_types()
     assert types["available_node_types"]["gpu_8x_h100"]["resources"]["accelerator_type:H100"] == 1  # as Ray infers
-    with local_cluster(2, autoscaler=on_this_machine(types, cpus_per_unit=48)) as cluster:
+    with local_cluster(2, autoscaler=on_this_machine(types)) as cluster:
         tiny = make_tiny(tmp_path / "tiny", pairs=4, seed=0)
         config = job_config(tmp_path / "tiny", placement_strategy="STRICT_SPREAD")
         logs = submit(cluster, "cache.py", "--config", str(config), "--accelerator-type", "L40S")
@@ -150,7 +153,7 @@ def test_kuberay_worker_group_autoscales_for_the_cache_job(tmp_path):
 
     types = kuberay_node_types()
     assert types["available_node_types"]["gpu-8x-h100"]["resources"]["accelerator_type:H100"] == 1
-    with local_cluster(2, autoscaler=on_this_machine(types, cpus_per_unit=48), v2=True) as cluster:
+    with local_cluster(2, autoscaler=on_this_machine(types), v2=True) as cluster:
         make_tiny(tmp_path / "tiny", pairs=4, seed=0)
         logs = submit(cluster, "cache.py", "--config", str(job_config(tmp_path / "tiny", cache_accelerator_type="H100")))
         assert "encoded 4" in logs, logs[-2000:]

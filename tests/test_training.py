@@ -230,15 +230,15 @@ def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_hap
     def wait_for(ready) -> None:
         deadline = time.time() + 600
         while time.time() < deadline and driver.poll() is None:
-            if os.path.exists(out / "logs" / "samples-rank0.jsonl") and ready(samples_log(out)):
+            if ready():
                 return
             time.sleep(0.1)
         raise AssertionError(f"the run ended or stalled first (exit {driver.poll()})")
 
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda log: committed(out) >= 1)  # step 4's checkpoint
+    wait_for(lambda: committed(out) >= 1)  # step 4's checkpoint
     os.kill(training_workers()[-1].pid, signal.SIGKILL)
-    wait_for(lambda log: rewinds(out, 0) >= 1 and committed(out) >= 2)  # replaced; step 8's checkpoint recorded
+    wait_for(lambda: committed(out) >= 2 and rewinds(out, 0) >= 1)  # replaced; step 8's checkpoint recorded
     driver.send_signal(signal.SIGKILL)  # at once: the rest of the run takes seconds
     driver.wait()
     psutil.wait_procs(training_workers(), timeout=60)  # they die with its Ray
@@ -256,6 +256,7 @@ def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_hap
     final, straight = load_file(out / LORA_FILE), load_file(os.path.join(cached.train.output_dir, LORA_FILE))
     for key in straight:
         torch.testing.assert_close(final[key], straight[key], atol=1e-5, rtol=1e-4)
+
 
 def test_a_non_finite_loss_stops_the_run_naming_the_steps():
     from longcat_ray.training import NonFiniteLoss, check_finite
