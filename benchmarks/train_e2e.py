@@ -66,6 +66,8 @@ ROWS: dict[str, dict] = {
                     "activation_memory_budget": 0.1},
     "fast_fp8_b0": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": True,
                     "activation_memory_budget": 0.0},
+    "fast_fp8_b0_offload": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
+                            "gradient_checkpointing": True, "activation_memory_budget": 0.0, "offload_optimizer": "cpu"},
     "int8_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "int8-torchao", "gradient_checkpointing": True},
     "fp8wo_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "fp8-torchao", "gradient_checkpointing": True},
 }
@@ -168,6 +170,7 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
         "compile_wrapper": row.get("compile_wrapper", "python"),
         "fuse_qkv": row.get("fuse_qkv", True),
         "cuda_graphs": row.get("cuda_graphs", False),
+        "offload_optimizer": row.get("offload_optimizer", "none"),
         "s_per_sample": round(s, 4),
         "samples_per_s": round(1 / s, 3),
         "mfu_989": round(tflop / (s * gpus) / PEAK_TFLOPS, 3),

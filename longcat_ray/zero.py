@@ -31,8 +31,10 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         # No gradient hooks at stage 1: contiguous_gradients (a copy of each gradient into one buffer as the backward
         # makes it, against fragmentation) pays for itself only with full-model gradients, not a LoRA's.
         "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": False,
-                              **({"compute_grad_norm": False} if optimizer_clips(train) else {})},
+                              **({"compute_grad_norm": False} if optimizer_clips(train) else {}), **offload(train)},
         "zero_allow_untested_optimizer": True,
+        # offload steps our torch AdamW on the host partition (DeepSpeed's CPUAdam would be a C++ JIT build per machine)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         # DeepSpeed's throughput timer (on by default, for its own speed log, which steps_per_print silences) waits for
@@ -42,12 +44,20 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     }
 
 
+def offload(train: TrainConfig) -> dict[str, Any]:
+    """ZeRO's `offload_optimizer` entry for `train.offload_optimizer` (none: {})."""
+    if train.offload_optimizer == "none":
+        return {}
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+
+
 def optimizer_clips(train: TrainConfig) -> bool:
     """Whether ClippingAdamW clips the gradients instead of DeepSpeed. DeepSpeed's ZeRO-1/2 norm is one float64
     reduction per LoRA tensor (~720 kernels for the ~360 tensors) followed by host syncs that leave the GPU idle while
     the host finishes the step: 8.4 ms of reductions and 19.6 ms of idle GPU per step on an H200 (benchmarks/RESULTS.md).
-    ZeRO-3 cannot turn its norm off (DeepSpeed refuses `compute_grad_norm: false` there), so it keeps DeepSpeed's."""
-    return train.zero_stage in (1, 2) and train.max_grad_norm > 0
+    ZeRO-3 and optimizer offload cannot turn its norm off (DeepSpeed refuses `compute_grad_norm: false` there), so
+    they keep DeepSpeed's."""
+    return train.zero_stage in (1, 2) and train.offload_optimizer == "none" and train.max_grad_norm > 0
 
 
 class ClippingAdamW(torch.optim.AdamW):

@@ -43,8 +43,8 @@ def test_a_quantized_base_frees_the_weights_it_replaces(tiny, one_rank_group):
     assert all(engine.param_names[p] for p in params)
 
 
-def train_steps(model: str, stage: int, steps: int = 3, max_grad_norm: float = 1.0, rank: int = 0, world: int = 1
-                ) -> tuple[list[float], dict[str, torch.Tensor]]:
+def train_steps(model: str, stage: int, steps: int = 3, max_grad_norm: float = 1.0, rank: int = 0, world: int = 1,
+                offload: str = "none") -> tuple[list[float], dict[str, torch.Tensor]]:
     """`steps` DeepSpeed steps of the tiny DiT's LoRA at `stage` (float32) -> (losses, LoRA weights); each rank
     trains on its own sample."""
     from longcat_ray.model.loss import flow_matching_loss
@@ -52,8 +52,9 @@ def train_steps(model: str, stage: int, steps: int = 3, max_grad_norm: float = 1
     transformer = load_transformer(ModelConfig(pretrained_model_name_or_path=model), torch.float32, torch.device("cpu"))
     params = add_lora(transformer, LoraConfig(rank=4), seed=0)
     train = TrainConfig(mixed_precision="no", max_train_steps=steps, zero_stage=stage, learning_rate=1e-2,
-                        max_grad_norm=max_grad_norm)
+                        max_grad_norm=max_grad_norm, offload_optimizer=offload)
     engine, _ = init_engine(transformer, params, train, world)
+    assert engine.optimizer.cpu_offload == (offload == "cpu")
     inputs = torch.Generator().manual_seed(1 + rank)
     edit, ref = torch.randn(2, 1, 16, 8, 8, generator=inputs)
     text = torch.randn(1, 6, transformer.config.joint_attention_dim, generator=inputs)
@@ -75,6 +76,16 @@ def test_zero1_and_zero2_train_the_same_lora(tiny, one_rank_group):
     assert losses_1[0] != losses_1[-1]  # the LoRA moved
     for name, weight in lora_2.items():
         torch.testing.assert_close(lora_1[name], weight, atol=0, rtol=0)
+
+
+def test_the_optimizer_offloaded_to_the_host_trains_the_same_lora(tiny, one_rank_group):
+    """offload_optimizer: cpu keeps the master weights and moments in host memory and DeepSpeed clips: the same
+    losses and LoRA as the optimizer on the device (the default) within float32 rounding of the clipping norm."""
+    losses, lora = train_steps(str(tiny.model), 1, max_grad_norm=0.05)
+    losses_offloaded, lora_offloaded = train_steps(str(tiny.model), 1, max_grad_norm=0.05, offload="cpu")
+    assert losses_offloaded == pytest.approx(losses, rel=1e-6)
+    for name, weight in lora_offloaded.items():
+        torch.testing.assert_close(weight, lora[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
