@@ -129,14 +129,13 @@ class TrainConfig(Section):
     """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper (set process-wide, which avoids
     pytorch#178845). On an H200 it ran at the Python wrapper's speed (0.2098 s/sample both) with a cold compile of
     ~155 s instead of ~70 s (benchmarks/RESULTS.md), so `python` stays the default."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     """Replay each compiled block's forward and backward as CUDA graphs (torch.compile's `reduce-overhead`, one
-    graph tree per worker, a new generation each micro-step; validation runs the blocks eagerly): the host launches one
-    graph per block instead of its ~150 kernels. Needs `compile` and a GPU (ignored on CPU). On an H200 (fp8 base,
-    768², one bucket, no accumulation, same machine): 0.1979 s/sample against 0.2015, +0.16 GiB; the step is then
-    bound by the GPU, not the host (benchmarks/RESULTS.md). Off by default: with two bucket shapes and gradient
-    accumulation a GPU test stops with torch's "accessing tensor output of CUDAGraphs that has been overwritten"
-    (tests/model/test_transformer.py) -- an error, never a silently wrong step, but not yet understood."""
+    graph tree per worker, a new generation each micro-step, the LoRA's gradients kept outside the graphs' memory;
+    validation runs the blocks eagerly): the host launches one graph per block instead of its ~150 kernels, so the
+    step is bound by the GPU. Each bucket shape records its own graphs on its first steps. Null: on wherever compile
+    is (a GPU), off on CPU. On an H200 (fp8 base, 768², same machine): 0.1979 s/sample against 0.2015, +0.16 GiB
+    (benchmarks/RESULTS.md)."""
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""

@@ -323,7 +323,7 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
             "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing(train, budget),
             "activation_memory_budget": budget, "zero_stage": train.zero_stage, "fuse_qkv": train.fuse_qkv,
-            "cuda_graphs": train.cuda_graphs and compile and device.type == "cuda"}
+            "cuda_graphs": train.cuda_graphs is not False and compile and device.type == "cuda"}
 
 
 def checkpointing(train, budget: float | None) -> str:
@@ -486,10 +486,11 @@ class TrainingLoop:
     def train_micro_batch(self, inputs: dict[str, torch.Tensor]) -> None:
         """One forward/backward/step of `step_inputs`' output, queued on the device; the loss stays there (Window)."""
         from longcat_ray.model.loss import flow_matching_loss, to_device
+        from longcat_ray.model.transformer import graph_step_begin
 
         move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
-        if self.cuda_graphs:  # a new generation of the graph tree: the last step's graph outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
+        if self.cuda_graphs:
+            graph_step_begin(self.params)
         with record_function("lcr:forward"):  # phases named in a profile's trace (StepProfiler)
             loss = flow_matching_loss(self.engine, move(inputs["edit"]), move(inputs["ref"]), move(inputs["text"]), inputs)
         with record_function("lcr:backward"):

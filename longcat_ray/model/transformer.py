@@ -83,6 +83,19 @@ def checkpoint_blocks(transformer, enabled: bool, interval: int | None) -> None:
     transformer.use_single_checkpoint = [i % every == 0 for i in range(len(transformer.single_transformer_blocks))]
 
 
+def graph_step_begin(params: list[torch.nn.Parameter]) -> None:
+    """Before each micro-step's forward under `cuda_graphs`: a new generation of the graph tree (the last one's outputs
+    may then be overwritten), and every LoRA gradient allocated if it is not. A gradient the backward makes is a graph
+    output, and autograd keeps that very tensor as `.grad` when the parameter has none: the next micro-step's
+    replays would overwrite it before the optimizer step reads it (with gradient accumulation: torch's "accessing
+    tensor output of CUDAGraphs that has been overwritten by a subsequent run", found on an H200). Into an existing
+    `.grad` autograd adds in place (0 + g is exact), so nothing the optimizer reads lives in the graphs' pool."""
+    torch.compiler.cudagraph_mark_step_begin()
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
 def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False,
                       memory_budget: float | None = None, fuse_qkv: bool = True, cuda_graphs: bool = False) -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
@@ -91,8 +104,8 @@ def speed_up_training(transformer, attention: str, compile: bool, backend: str =
     `cpp_wrapper`: inductor's C++ wrapper around the kernels instead of Python; `memory_budget`: the share of the
     compiled blocks' activations kept for the backward (the partitioner recomputes the rest, cheapest FLOPs first);
     `fuse_qkv`: each attention's q/k/v as one matmul where the base is grouped (model/attention.py); `cuda_graphs`:
-    the compiled blocks replayed as CUDA graphs (inductor's `reduce-overhead`; the caller marks each step with
-    `torch.compiler.cudagraph_mark_step_begin`)."""
+    the compiled blocks replayed as CUDA graphs (inductor's `reduce-overhead`; the caller starts each micro-step with
+    `graph_step_begin`)."""
     from longcat_ray.model.attention import use_training_attention
 
     use_training_attention(transformer, attention, fuse_qkv)
