@@ -70,12 +70,17 @@ class ClusterTooSmall(RuntimeError):
     """The cluster cannot hold the run's plan and no autoscaler can add what is missing."""
 
 
-def worker_resources(gpu: bool, accelerator_type: str | None = None) -> dict[str, float]:
+OFFLOAD_CPUS = 8  # a GPU worker's CPUs with offload_optimizer: cpu (the AdamW step and norm run on them)
+
+
+def worker_resources(gpu: bool, accelerator_type: str | None = None, offload: bool = False) -> dict[str, float]:
     """One training worker's placement-group bundle (Ray Train's: one CPU, and with `gpu` its GPU, of that model when
-    set)."""
+    set; OFFLOAD_CPUS CPUs where the optimizer steps on the host)."""
     from longcat_ray.runtime import accelerator_resource
 
-    return {"CPU": 1, **({"GPU": 1, **accelerator_resource(accelerator_type)} if gpu else {})}
+    if not gpu:
+        return {"CPU": 1}
+    return {"CPU": OFFLOAD_CPUS if offload else 1, "GPU": 1, **accelerator_resource(accelerator_type)}
 
 
 def reader_resources(config: Config, gpus: int) -> dict[str, float]:
@@ -159,7 +164,7 @@ def train(config: Config, progress: bool = True) -> TrainResult:
     gpus = gpus_up(accelerator)
     workers = worker_count(config, gpus)
     gpu_plan = gpus > 0 or accelerator is not None
-    bundle = worker_resources(gpu_plan, accelerator)
+    bundle = worker_resources(gpu_plan, accelerator, config.train.offload_optimizer == "cpu")
     if accelerator and gpus < workers:
         print(f"ray: {gpus} {accelerator} GPUs up, {workers} to train on: waiting for the cluster's autoscaler to start "
               "the rest (`ray status` shows them launching)", file=sys.stderr, flush=True)
@@ -264,6 +269,8 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     device = torch.device("cuda", context.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # Ray starts the worker with one thread per CPU of its bundle; the host optimizer step uses them all
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else torch.float32
     levers = resolved_levers(config, device)
     if rank == 0:
