@@ -114,12 +114,15 @@ def local_cluster(head_cpus: int, node_cpus: tuple[int, ...] = (), autoscaler: d
         shutil.rmtree(root, ignore_errors=True)
 
 
-def submit_job(cluster: dict, script: str, *args: str, timeout: float = 900) -> tuple[str, str]:
+def submit_job(cluster: dict, script: str, *args: str, timeout: float = 900, job_id: str | None = None,
+               wait: bool = True) -> tuple[str, str]:
     """The README's `ray job submit ... -- python jobs/SCRIPT ARGS`, waited for (at most `timeout` s: a job that waits
-    for resources nothing will add fails the test) -> (its `ray job status` text, its log)."""
-    job_id = f"test-{script.removesuffix('.py')}-{secrets.token_hex(3)}"
+    for resources nothing will add fails the test) -> (its `ray job status` text, its log). `wait=False`: returns once
+    the job is submitted (`--no-wait`), with its status and log so far."""
+    job_id = job_id or f"test-{script.removesuffix('.py')}-{secrets.token_hex(3)}"
     command = [RAY, "job", "submit", "--address", cluster["address"], "--submission-id", job_id, "--working-dir", ".",
-               "--runtime-env", "jobs/runtime_env.yaml", "--", "python", f"jobs/{script}", *args]
+               "--runtime-env", "jobs/runtime_env.yaml", *([] if wait else ["--no-wait"]), "--", "python",
+               f"jobs/{script}", *args]
     for _ in range(10):  # a fresh head's job agent takes a few seconds to register
         result = subprocess.run(command, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if "No available agent" not in result.stderr:
