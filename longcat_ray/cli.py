@@ -9,6 +9,7 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_CLUSTER = 3  # no cluster at the address, or it cannot hold the run (training.ClusterTooSmall)
+EXIT_STORAGE = 4  # output_dir's storage failed during training (training.StorageFailed)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -98,7 +99,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from longcat_ray.pairs import DatasetError
-    from longcat_ray.training import ClusterTooSmall, train
+    from longcat_ray.training import ClusterTooSmall, StorageFailed, train
 
     config = load_or_report(args.config)
     if config is None:
@@ -116,6 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ClusterTooSmall as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CLUSTER
+    except StorageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STORAGE
     print(f"trained {result.steps} steps; LoRA: {result.output_dir}/pytorch_lora_weights.safetensors "
           f"(PEFT: {result.output_dir}/adapter); last checkpoint: {result.checkpoint}")
     return 0

@@ -66,6 +66,25 @@ def worker_count(config: Config, gpus: int) -> int:
     return max(1, int(gpus // share))
 
 
+class StorageFailed(RuntimeError):
+    """output_dir's storage stopped answering during training (Ray Train gave up after its retries)."""
+
+    def __init__(self, url: str, failure: str):
+        super().__init__(
+            f"the storage of output_dir {url} failed during training: {failure}. Checkpoints recorded before it are "
+            "kept, and none that was cut short is ever resumed from (Ray Train records a checkpoint only once it is "
+            "uploaded). Fix: once the storage answers again (endpoint, credentials, network), run the same command: "
+            "with resume_from_checkpoint \"latest\" it resumes from the last recorded checkpoint.")
+
+
+def storage_failure(text: str) -> str | None:
+    """The first line of a Ray Train failure's text that reports an S3 error (pyarrow's "AWS Error ..."), else None."""
+    for line in text.splitlines():
+        if "AWS Error" in line:
+            return line.strip().removeprefix("OSError: ")[:400]
+    return None
+
+
 class ClusterTooSmall(RuntimeError):
     """The cluster cannot hold the run's plan and no autoscaler can add what is missing."""
 
@@ -185,7 +204,8 @@ def train(config: Config, progress: bool = True) -> TrainResult:
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu_plan, resources_per_worker=bundle,
                                      placement_strategy=config.train.placement_strategy),
         run_config=RunConfig(
-            storage_path=config.train.output_dir,
+            # with a filesystem given, Ray wants the path inside it ("bucket/key"): "s3://..." failed in Ray's storage check
+            storage_path=config.train.output_dir.removeprefix("s3://"),
             name=run_name(config),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.checkpoints_total_limit),
@@ -193,7 +213,13 @@ def train(config: Config, progress: bool = True) -> TrainResult:
         ),
         resume_from_checkpoint=explicit,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 -- re-raised as it came unless the storage failed
+        failure = storage_failure(str(err))
+        if failure and "://" in config.train.output_dir:
+            raise StorageFailed(config.train.output_dir, failure) from err
+        raise
     checkpoint = result.checkpoint
     copy_export(checkpoint, config.train.output_dir)
     return TrainResult(steps=int(result.metrics["step"]), output_dir=config.train.output_dir, checkpoint=checkpoint.path, metrics=result.metrics)

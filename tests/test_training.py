@@ -330,3 +330,54 @@ def test_a_gpu_model_with_none_up_needs_a_worker_count_and_pins_each_worker(tiny
     config.train.num_workers = 16
     assert worker_count(config, gpus=0) == 16
     assert worker_resources(True, "H100") == {"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001}
+
+
+def test_output_dir_on_s3_survives_the_storage_going_away(tiny, ray_local, s3_endpoint, monkeypatch):
+    """output_dir on s3:// (moto's server behind a loopback proxy the test cuts and restores). The storage cut as the
+    first checkpoint is being uploaded: the run fails (no retries left) with one message naming the URL and
+    the S3 error, and every checkpoint Ray recorded is complete (none cut short); with the storage back, the same
+    call trains to the end and exports the LoRA to the bucket. (Before this test an s3:// output_dir failed at
+    once: Ray wants the path without the scheme when given a filesystem.)"""
+    import threading
+
+    import s3fs
+
+    from longcat_ray.training import StorageFailed
+    from tests.s3_proxy import CuttableProxy
+
+    direct = s3fs.S3FileSystem(endpoint_url=s3_endpoint)  # the test's own view, never cut
+    bucket = f"lcr-out-{os.getpid()}"
+    direct.mkdir(bucket)
+    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")  # what the run uses
+    config = tiny_config(tiny, f"s3://{bucket}/out", max_train_steps=8, checkpointing_steps=4, max_failures=0)
+    config.validation.steps = 0
+
+    def cut_at_first_checkpoint_object() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            direct.invalidate_cache()
+            if any("/checkpoint_" in key for key in direct.find(f"{bucket}/out")):
+                proxy.cut()
+                return
+            time.sleep(0.05)
+
+    cutter = threading.Thread(target=cut_at_first_checkpoint_object, daemon=True)
+    cutter.start()
+    with pytest.raises(StorageFailed) as failed:
+        train(config, progress=False)
+    cutter.join()
+    message = str(failed.value)
+    assert f"s3://{bucket}/out" in message and "AWS Error" in message and "run the same command" in message
+    direct.invalidate_cache()
+    snapshot = f"{bucket}/out/run/checkpoint_manager_snapshot.json"
+    recorded = json.loads(direct.cat(snapshot))["checkpoint_results"] if direct.exists(snapshot) else []
+    for entry in recorded:  # whatever Ray recorded was uploaded whole
+        path = json.dumps(entry).split('"path": "', 1)[1].split('"', 1)[0]
+        assert direct.exists(f"{path}/lora/{LORA_FILE}") and direct.ls(f"{path}/zero"), entry
+
+    proxy.restore()
+    result = train(config, progress=False)
+    assert result.steps == 8
+    direct.invalidate_cache()
+    assert direct.size(f"{bucket}/out/{LORA_FILE}") > 0 and direct.exists(f"{bucket}/out/{PEFT_DIR}")
