@@ -236,15 +236,21 @@ def storage_filesystem(url: str):
 
 
 def copy_export(checkpoint, output_dir: str) -> None:
-    """The final checkpoint's exported LoRA -> output_dir (pytorch_lora_weights.safetensors, adapter/)."""
+    """The final checkpoint's exported LoRA -> output_dir (pytorch_lora_weights.safetensors, adapter/); storage
+    that fails on the way is StorageFailed (each file lands whole or not at all: write_bytes_atomic)."""
     fs, root = filesystem(output_dir)
-    with checkpoint.as_directory() as local:
-        for dirpath, _, files in os.walk(os.path.join(local, LORA_DIR)):
-            for name in files:
-                source = os.path.join(dirpath, name)
-                relative = os.path.relpath(source, os.path.join(local, LORA_DIR))
-                with open(source, "rb") as handle:
-                    write_bytes_atomic(fs, join(root, relative), handle.read())
+    try:
+        with checkpoint.as_directory() as local:
+            for dirpath, _, files in os.walk(os.path.join(local, LORA_DIR)):
+                for name in files:
+                    source = os.path.join(dirpath, name)
+                    relative = os.path.relpath(source, os.path.join(local, LORA_DIR))
+                    with open(source, "rb") as handle:
+                        write_bytes_atomic(fs, join(root, relative), handle.read())
+    except OSError as err:
+        if "://" not in output_dir:
+            raise
+        raise StorageFailed(output_dir, f"{err} (copying the trained LoRA from {checkpoint.path})") from err
 
 
 # ---- the worker ------------------------------------------------------------------------------------------

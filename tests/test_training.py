@@ -342,7 +342,9 @@ def test_output_dir_on_s3_survives_the_storage_going_away(tiny, ray_local, s3_en
 
     import s3fs
 
-    from longcat_ray.training import StorageFailed
+    from ray.train import Checkpoint
+
+    from longcat_ray.training import StorageFailed, copy_export, storage_filesystem
     from tests.s3_proxy import CuttableProxy
 
     direct = s3fs.S3FileSystem(endpoint_url=s3_endpoint)  # the test's own view, never cut
@@ -381,3 +383,6 @@ def test_output_dir_on_s3_survives_the_storage_going_away(tiny, ray_local, s3_en
     assert result.steps == 8
     direct.invalidate_cache()
     assert direct.size(f"{bucket}/out/{LORA_FILE}") > 0 and direct.exists(f"{bucket}/out/{PEFT_DIR}")
+    proxy.cut()  # gone again while the final LoRA is copied out of the last checkpoint: the same message
+    with pytest.raises(StorageFailed, match=f"s3://{bucket}/out"):
+        copy_export(Checkpoint(result.checkpoint, filesystem=storage_filesystem(config.train.output_dir)), config.train.output_dir)
