@@ -178,8 +178,8 @@ class TrainConfig(Section):
     them there (DeepSpeed's ZeRO-Offload); each step copies the gradients down and the new weights up. Takes 12 bytes
     per LoRA parameter off each GPU (0.53 GiB at rank 32) for host time per step; DeepSpeed clips (it computes the
     norm on the host), on the OFFLOAD_CPUS (8) CPUs each GPU worker then asks Ray for. For the smallest cards, with a
-    quantized base and checkpointing. On an H200 (fp8 base, budget 0, 768²): 7.85 GiB peak against 8.20, 0.46 s/sample
-    against 0.25 with one host thread (benchmarks/RESULTS.md)."""
+    quantized base and checkpointing. On an H200 (fp8 base, budget 0, 768²): 7.85 GiB peak at 0.40 s/sample, against
+    8.20 GiB at 0.25 s without it (benchmarks/RESULTS.md)."""
     num_workers: int | None = Field(None, ge=1)
     """Training workers (one per GPU); default: every GPU of the cluster, or 2 CPU workers without GPUs."""
     accelerator_type: str | None = None

@@ -27,6 +27,11 @@ def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.
     return url_to_fs(url, **kwargs)
 
 
+def is_url(path: str) -> bool:
+    """An object-store URL (`s3://...`), not a local path."""
+    return "://" in path
+
+
 def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 

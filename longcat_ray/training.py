@@ -25,7 +25,7 @@ from longcat_ray.cache import CachePlan
 from longcat_ray.config import Config
 from longcat_ray.profiling import StepProfiler
 from longcat_ray.reader import kind_options_key as kind_key
-from longcat_ray.storage import filesystem, join, write_bytes_atomic
+from longcat_ray.storage import filesystem, is_url, join, write_bytes_atomic
 
 LORA_DIR = "lora"
 LOG_EVERY = 5
@@ -89,7 +89,7 @@ class ClusterTooSmall(RuntimeError):
     """The cluster cannot hold the run's plan and no autoscaler can add what is missing."""
 
 
-OFFLOAD_CPUS = 8  # a GPU worker's CPUs with offload_optimizer: cpu (the AdamW step and norm run on them)
+OFFLOAD_CPUS = 8  # a GPU worker's CPUs with offload_optimizer: cpu (Ray gives the worker as many OpenMP threads)
 
 
 def worker_resources(gpu: bool, accelerator_type: str | None = None, offload: bool = False) -> dict[str, float]:
@@ -217,7 +217,7 @@ def train(config: Config, progress: bool = True) -> TrainResult:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 -- re-raised as it came unless the storage failed
         failure = storage_failure(str(err))
-        if failure and "://" in config.train.output_dir:
+        if failure and is_url(config.train.output_dir):
             raise StorageFailed(config.train.output_dir, failure) from err
         raise
     checkpoint = result.checkpoint
@@ -248,7 +248,7 @@ def copy_export(checkpoint, output_dir: str) -> None:
                     with open(source, "rb") as handle:
                         write_bytes_atomic(fs, join(root, relative), handle.read())
     except OSError as err:
-        if "://" not in output_dir:
+        if not is_url(output_dir):
             raise
         raise StorageFailed(output_dir, f"{err} (copying the trained LoRA from {checkpoint.path})") from err
 
@@ -301,8 +301,6 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     device = torch.device("cuda", context.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # Ray starts the worker with one thread per CPU of its bundle; the host optimizer step uses them all
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else torch.float32
     levers = resolved_levers(config, device)
     if rank == 0:
@@ -655,7 +653,7 @@ class TrainingLoop:
                       "output_dir/logs/metrics-rank0.jsonl only", flush=True)
                 return None
         out = self.config.train.output_dir
-        logdir = os.path.join(out, "logs") if "://" not in out else os.path.join(tempfile.gettempdir(), "longcat-ray-logs")
+        logdir = os.path.join(out, "logs") if not is_url(out) else os.path.join(tempfile.gettempdir(), "longcat-ray-logs")
         return SummaryWriter(logdir)
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -679,7 +677,7 @@ class TrainingLoop:
     def log_dir(self) -> str | None:
         """output_dir/logs when output_dir is local (s3 runs keep their JSON logs off)."""
         out = self.config.train.output_dir
-        return None if "://" in out else os.path.join(out, "logs")
+        return None if is_url(out) else os.path.join(out, "logs")
 
     def append_log(self, name: str, record: dict[str, Any]) -> None:
         """One JSON line under output_dir/logs (local output dirs only)."""

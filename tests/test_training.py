@@ -19,6 +19,7 @@ from longcat_ray.model.loss import flow_matching_loss
 from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
 from longcat_ray.training import train
 from tests.conftest import reference_image
+from tests.run_logs import committed, samples_log
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -44,11 +45,6 @@ def reference(tiny, ray_local, tmp_path_factory):
     """The tiny config as it is: 2 CPU workers, ZeRO-1 (the default)."""
     out = tmp_path_factory.mktemp("reference")
     return tiny_config(tiny, out), train(tiny_config(tiny, out), progress=False)
-
-
-def samples_log(out, rank=0):
-    with open(os.path.join(out, "logs", f"samples-rank{rank}.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
 
 
 def lora_transformer(tiny, out):
@@ -198,15 +194,6 @@ def rewinds(out, rank: int) -> int:
     """How often the samples log of `rank` goes back to an earlier micro-step (a restart from a checkpoint)."""
     steps = [line["micro_step"] for line in samples_log(out, rank)]
     return sum(later <= earlier for earlier, later in zip(steps, steps[1:]))
-
-
-def committed(out) -> int:
-    """Checkpoints Ray Train's controller has recorded for the run (a worker's save counts once it is recorded:
-    a worker lost before that rewinds to the checkpoint before)."""
-    try:
-        return len(json.loads((out / "run" / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return 0
 
 
 def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_happened(reference, tiny, tmp_path):
