@@ -72,6 +72,8 @@ ROWS: dict[str, dict] = {
                     "activation_memory_budget": 0.0},
     "fast_fp8_b0_offload": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
                             "gradient_checkpointing": True, "activation_memory_budget": 0.0, "offload_optimizer": "cpu"},
+    "fast_fp8_b0_actoff": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
+                           "gradient_checkpointing": True, "activation_memory_budget": 0.0, "offload_activations": "cpu"},
     "int8_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "int8-torchao", "gradient_checkpointing": True},
     "fp8wo_ckpt": {"compile": None, "attention": "auto", "base_model_precision": "fp8-torchao", "gradient_checkpointing": True},
 }

@@ -134,8 +134,8 @@ class TrainConfig(Section):
     graph tree per worker, a new generation each micro-step, the LoRA's gradients kept outside the graphs' memory;
     validation runs the blocks eagerly): the host launches one graph per block instead of its ~150 kernels, so the
     step is bound by the GPU. Each bucket shape records its own graphs on its first steps. Null: on wherever compile
-    is (a GPU), off on CPU. On an H200 (fp8 base, 768², same machine): 0.1979 s/sample against 0.2015, +0.16 GiB
-    (benchmarks/RESULTS.md)."""
+    is (a GPU) unless `offload_activations` is on, off on CPU. On an H200 (fp8 base, 768², same machine): 0.1979
+    s/sample against 0.2015, +0.16 GiB (benchmarks/RESULTS.md)."""
     profile_steps: tuple[int, int] | None = None
     """`[first, last]`: rank 0 runs torch.profiler over these optimizer steps and writes the summary tables to
     output_dir/logs/profile-rank0.txt (where each millisecond of a step goes, host and device)."""
@@ -180,6 +180,12 @@ class TrainConfig(Section):
     norm on the host), on the OFFLOAD_CPUS (8) CPUs each GPU worker then asks Ray for. For the smallest cards, with a
     quantized base and checkpointing. On an H200 (fp8 base, budget 0, 768²): 7.85 GiB peak at 0.40 s/sample, against
     8.20 GiB at 0.25 s without it (benchmarks/RESULTS.md)."""
+    offload_activations: Literal["none", "cpu"] = "none"
+    """`cpu`: what the forward keeps for the backward goes to pinned host memory as it is saved (on a side stream,
+    while the next block computes) and comes back when the backward needs it: the same values, so the same maths,
+    for ~1 GiB over PCIe each way per 768² step. With `gradient_checkpointing` under compile that is each block's
+    inputs (~0.9 GiB of the step's 8.2 GiB on an H200 with the fp8 base). The model's weights never move. CUDA
+    graphs hold their outputs in their own memory pool, so this turns `cuda_graphs` off. For the smallest cards."""
     num_workers: int | None = Field(None, ge=1)
     """Training workers (one per GPU); default: every GPU of the cluster, or 2 CPU workers without GPUs."""
     accelerator_type: str | None = None
@@ -653,6 +659,10 @@ def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list
         if train.cuda_graphs:
             problems.append(f"{source}: key 'cuda_graphs': CUDA graphs replay the compiled blocks, and {why} turns "
                             "compile off. Fix: remove \"cuda_graphs\", or turn compile on.")
+    if train.cuda_graphs and train.offload_activations != "none":
+        problems.append(f"{source}: key 'cuda_graphs': CUDA graphs keep the saved activations in their own memory pool, "
+                        "so \"offload_activations\": \"cpu\" would free nothing. Fix: remove \"cuda_graphs\" (it is then "
+                        "off), or set \"offload_activations\": \"none\".")
     return problems
 
 

@@ -7,6 +7,7 @@ continues exactly where the checkpoint left it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from torch.profiler import record_function
 
 from longcat_ray.cache import CachePlan
 from longcat_ray.config import Config
+from longcat_ray.model.offload import ActivationOffload
 from longcat_ray.profiling import StepProfiler
 from longcat_ray.reader import kind_options_key as kind_key
 from longcat_ray.storage import filesystem, is_url, join, write_bytes_atomic
@@ -309,6 +311,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
         print(f"rank {rank} holds Ray GPU {ray.get_gpu_ids()} but torch sees no CUDA device: training on the CPU "
               "(expected on Ray's fake test nodes; on a real cluster check the node's NVIDIA driver)", flush=True)
     engine, params, scheduler = build_model(config, levers, world, device, dtype)
+    offload = ActivationOffload(engine.module) if levers["offload_activations"] == "cpu" else None
     state = WorkerState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -317,7 +320,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     loop = TrainingLoop(config=config, engine=engine, params=params, scheduler=scheduler, rank=rank, world=world,
                         device=device, dtype=dtype, state=state, manifest=loop_config["manifest"],
                         plan=loop_config["plan"], progress=loop_config["progress"], cuda_graphs=levers["cuda_graphs"],
-                        started=started)
+                        offload=offload, started=started)
     loop.run()
 
 
@@ -360,7 +363,9 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
             "compile_wrapper": train.compile_wrapper if compile else None, "checkpointing": checkpointing(train, budget),
             "activation_memory_budget": budget, "zero_stage": train.zero_stage, "fuse_qkv": train.fuse_qkv,
-            "cuda_graphs": train.cuda_graphs is not False and compile and device.type == "cuda"}
+            "offload_activations": train.offload_activations,
+            "cuda_graphs": (train.cuda_graphs is not False and compile and device.type == "cuda"
+                            and train.offload_activations == "none")}
 
 
 def checkpointing(train, budget: float | None) -> str:
@@ -459,6 +464,8 @@ class TrainingLoop:
     progress: bool
     cuda_graphs: bool = False
     """Mark each micro-step a new CUDA-graph generation and validate eagerly (`resolved_levers`' `cuda_graphs`)."""
+    offload: ActivationOffload | None = None
+    """Where the forward's saved activations wait for the backward (`offload_activations: cpu`); None: the device."""
     started: float = field(default_factory=time.perf_counter)
 
     def run(self) -> None:
@@ -528,7 +535,8 @@ class TrainingLoop:
         move = lambda t: to_device(t, self.device, self.dtype)  # noqa: E731
         if self.cuda_graphs:
             graph_step_begin(self.params)
-        with record_function("lcr:forward"):  # phases named in a profile's trace (StepProfiler)
+        saving = self.offload.saving() if self.offload else contextlib.nullcontext()
+        with record_function("lcr:forward"), saving:  # phases named in a profile's trace (StepProfiler)
             loss = flow_matching_loss(self.engine, move(inputs["edit"]), move(inputs["ref"]), move(inputs["text"]), inputs)
         with record_function("lcr:backward"):
             self.engine.backward(loss)

@@ -91,6 +91,8 @@ def test_comment_stripping_keeps_strings_and_lines():
         ({"activation_memory_budget": 1.5}, {}, ["activation_memory_budget"]),
         ({"cuda_graphs": True, "compile": False}, {}, ["'cuda_graphs'", '"compile": false', "turn compile on"]),
         ({"cuda_graphs": True, "base_model_precision": "int8-quanto"}, {}, ["'cuda_graphs'", "int8-torchao"]),
+        ({"cuda_graphs": True, "offload_activations": "cpu"}, {}, ["'cuda_graphs'", "memory pool", '"offload_activations": "none"']),
+        ({"offload_activations": "disk"}, {}, ["'offload_activations'", "cpu"]),
         ({"gradient_checkpointing_interval": 0}, {}, ["'gradient_checkpointing_interval'"]),
         ({"attention": "flash3"}, {}, ["'attention'", "cudnn"]),
         ({"profile_steps": [5, 2]}, {}, ["'profile_steps'", "first <= last"]),
