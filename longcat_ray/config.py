@@ -185,7 +185,9 @@ class TrainConfig(Section):
     while the next block computes) and comes back when the backward needs it: the same values, so the same maths,
     for ~1 GiB over PCIe each way per 768² step. With `gradient_checkpointing` under compile that is each block's
     inputs (~0.9 GiB of the step's 8.2 GiB on an H200 with the fp8 base). The model's weights never move. CUDA
-    graphs hold their outputs in their own memory pool, so this turns `cuda_graphs` off. For the smallest cards."""
+    graphs hold their outputs in their own memory pool, so this turns `cuda_graphs` off. For the smallest cards: on
+    an H200 (fp8 base, budget 0, 768², same machine) 7.97 GiB peak at 0.274 s/sample against 8.20 GiB at 0.253 s
+    (benchmarks/RESULTS.md)."""
     num_workers: int | None = Field(None, ge=1)
     """Training workers (one per GPU); default: every GPU of the cluster, or 2 CPU workers without GPUs."""
     accelerator_type: str | None = None
