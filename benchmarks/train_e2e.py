@@ -79,15 +79,16 @@ ROWS: dict[str, dict] = {
 }
 
 
-def build_workspace(root: Path, size: str, pairs: int, side: int) -> Path:
-    """Pipeline + pairs + config under `root` (reused when already complete); -> the config path."""
+def build_workspace(root: Path, size: str, pairs: int, side: int, shapes: list[tuple[int, int]] | None = None) -> Path:
+    """Pipeline + pairs (square at `side`, or cycling through `shapes`, (width, height) each, bucketed at side²'s
+    area) + config under `root` (reused when already complete); -> the config path."""
     from longcat_ray.tiny import make_tiny, write_tiny_dataset
 
     config_path = root / "config" / "config.json"
     if (root / "READY").exists():
         return config_path
     paths = make_tiny(root, pairs=0)
-    write_tiny_dataset(paths.edits, paths.refs, pairs, seed=0, sizes=((side, side),))
+    write_tiny_dataset(paths.edits, paths.refs, pairs, seed=0, sizes=tuple(shapes or [(side, side)]))
     if size == "full":
         save_full_pipeline(paths.model)
     flat = json.loads(config_path.read_text())
@@ -237,6 +238,8 @@ def main() -> None:
     parser.add_argument("--size", default="full", choices=["full", "tiny"])
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--side", type=int, default=768)
+    parser.add_argument("--shapes", default="", help="image sizes WxH,WxH,... the pairs cycle through (several aspect "
+                        "buckets of side²'s area; MFU still counts side² tokens); default: side x side")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady state (compile, warm-up)")
     parser.add_argument("--no-baseline", action="store_true",
@@ -253,7 +256,8 @@ def main() -> None:
               "baseline": run_baseline(out) if torch.cuda.is_available() and not args.no_baseline else {}, "rows": []}
     write(result, out)
     built = time.perf_counter()
-    config_path = build_workspace(Path(args.work), args.size, args.pairs, args.side)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",") if shape]
+    config_path = build_workspace(Path(args.work), args.size, args.pairs, args.side, shapes)
     result["workspace_s"] = round(time.perf_counter() - built, 1)
     from longcat_ray.cache import build_cache
     from longcat_ray.config import load_config
