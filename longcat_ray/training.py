@@ -586,11 +586,20 @@ class TrainingLoop:
             # between steps: the base, the LoRA with its gradients and optimizer state (peak - resident = one step's
             # activations and temporaries)
             "resident_gib": torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0,
+            **self.offloaded_gib(window.steps),
         }
         self.window = Window()
         if self.rank == 0:  # every window, logged or closed by a checkpoint: the JSON log holds every step's loss
             self.append_log("metrics-rank0.jsonl", self.last)
         return self.last
+
+    def offloaded_gib(self, steps: int) -> dict[str, float]:
+        """{"offloaded_gib_per_step": host copies of saved activations per step in the window} with
+        `offload_activations`, else {}."""
+        if not self.offload:
+            return {}
+        moved, self.offload.moved_bytes = self.offload.moved_bytes, 0
+        return {"offloaded_gib_per_step": moved / max(1, steps) / 2**30}
 
     def validate(self) -> None:
         """Every rank samples (ZeRO-3 needs all of them in each forward); rank 0 writes the grid."""

@@ -167,17 +167,20 @@ def step_losses(out) -> list[float]:
 
 
 def test_speed_levers_train_the_same_model(reference, tiny, tmp_path):
-    """fp8 matmuls on the frozen base + every-other-block checkpointing, through the whole loop for 8 steps: the
-    same losses step by step and the same LoRA as the plain run's checkpoint at step 8, within fp8's error
-    (e4m3 activations and weights, e5m2 gradients). The other levers (compile, cuDNN attention) are checked at
-    the model level in tests/model (compile) and on a GPU (cuDNN)."""
+    """fp8 matmuls on the frozen base + every-other-block checkpointing + the saved activations in host memory,
+    through the whole loop for 8 steps: the same losses step by step and the same LoRA as the plain run's checkpoint
+    at step 8, within fp8's error (e4m3 activations and weights, e5m2 gradients; the offload is exact,
+    tests/model/test_offload.py). The other levers (compile, cuDNN attention) are checked at the model level in
+    tests/model (compile) and on a GPU (cuDNN)."""
     plain, _ = reference
-    config = tiny_config(tiny, tmp_path, max_train_steps=8, gradient_checkpointing_interval=2)
+    config = tiny_config(tiny, tmp_path, max_train_steps=8, gradient_checkpointing_interval=2, offload_activations="cpu")
     config.model.base_model_precision = "fp8-matmul"
     config.validation.steps = 0
     train(config, progress=False)
     fast, slow = step_losses(tmp_path), step_losses(plain.train.output_dir)[:8]
     assert len(fast) == 8
+    with open(os.path.join(tmp_path, "logs", "metrics-rank0.jsonl")) as handle:
+        assert all(json.loads(line)["offloaded_gib_per_step"] > 0 for line in handle)  # the loop's forward offloaded
     assert fast != slow  # fp8 really ran: it moves the low bits (a silently skipped conversion would not)
     assert fast == pytest.approx(slow, rel=0.02)
     theirs, mine = first_checkpoint_lora(plain), load_file(os.path.join(tmp_path, LORA_FILE))

@@ -7,7 +7,8 @@ while the next block computes, and come back when the block's backward unpacks t
 same maths, for ~1 GiB over PCIe each way per step.
 
 What is never moved: the model's own parameters and buffers (the frozen base, the LoRA: they stay on the device
-anyway, and a copy would free nothing), and tensors under `min_bytes` (small and many). A tensor saved twice while
+anyway, and a copy would free nothing), and tensors smaller than `TOKENS` tokens of the model's width (per-sample
+vectors: the timestep embedding, the modulation; small and many). A tensor saved twice while
 it lives (one input read by q, k and v's LoRAs in an eager forward) is copied once.
 """
 
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-MIN_BYTES = 1 << 20
+TOKENS = 64
 
 
 @dataclass(eq=False)
@@ -39,9 +40,12 @@ class ActivationOffload:
     """Saved-tensor hooks for the training forward: `with offload.saving():` around it."""
 
     model: torch.nn.Module
-    min_bytes: int = MIN_BYTES
+    min_numel: int | None = None
+    """Smallest tensor moved, in elements; None: TOKENS x the model's width (`inner_dim`)."""
     moved: int = 0
-    """Tensors copied to the host so far (for logs and tests)."""
+    """Tensors copied to the host so far (for tests)."""
+    moved_bytes: int = 0
+    """Their bytes (the training log shows them per step)."""
     keep: set[int] = field(init=False)
     stream: Any = field(init=False)
     live: dict[tuple, tuple[weakref.ref, Offloaded]] = field(init=False, default_factory=dict)
@@ -50,6 +54,8 @@ class ActivationOffload:
         # storages, not tensors: DeepSpeed may flatten the LoRA into one buffer, and a view of a weight is a weight
         self.keep = {t.untyped_storage().data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers())}
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        if self.min_numel is None:
+            self.min_numel = TOKENS * self.model.inner_dim
 
     @contextmanager
     def saving(self) -> Iterator[None]:
@@ -59,7 +65,7 @@ class ActivationOffload:
         self.live.clear()
 
     def movable(self, tensor: torch.Tensor) -> bool:
-        return (type(tensor) is torch.Tensor and tensor.is_contiguous() and tensor.nbytes >= self.min_bytes
+        return (type(tensor) is torch.Tensor and tensor.is_contiguous() and tensor.numel() >= self.min_numel
                 and tensor.untyped_storage().data_ptr() not in self.keep)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | Offloaded:
@@ -72,6 +78,7 @@ class ActivationOffload:
         packed = self.copy_to_host(tensor)
         self.live[key] = (weakref.ref(tensor), packed)
         self.moved += 1
+        self.moved_bytes += tensor.nbytes
         return packed
 
     def copy_to_host(self, tensor: torch.Tensor) -> Offloaded:

@@ -22,7 +22,7 @@ def lora_step(tiny, offload: bool, compile: bool, device: str = "cpu"):
     with torch.no_grad():
         for p in params:
             p.add_(0.01)  # B starts at zero: make the adapter contribute so A gets a gradient too
-    hooks = ActivationOffload(transformer, min_bytes=1024) if offload else None
+    hooks = ActivationOffload(transformer) if offload else None
     weights = {t.untyped_storage().data_ptr() for t in [*transformer.parameters(), *transformer.buffers()]}
     g = torch.Generator().manual_seed(0)
     edit, ref, text = (torch.randn(shape, generator=g).to(device) for shape in ((1, 16, 16, 16), (1, 16, 16, 16), (1, 20, 64)))
