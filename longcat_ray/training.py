@@ -8,6 +8,7 @@ continues exactly where the checkpoint left it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -68,21 +69,33 @@ def worker_count(config: Config, gpus: int) -> int:
     return max(1, int(gpus // share))
 
 
+DISK_FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
 class StorageFailed(RuntimeError):
-    """output_dir's storage stopped answering during training (Ray Train gave up after its retries)."""
+    """output_dir's storage failed during training: S3 stopped answering, or the disk is full (Ray Train gave up
+    after its retries)."""
 
     def __init__(self, url: str, failure: str):
+        if DISK_FULL in failure:
+            what = f"a disk filled during training (output_dir is {url}): {failure}"
+            fix = ("free space on the disk of the path named (each checkpoint holds the LoRA and its optimizer state; "
+                   "checkpoints_total_limit keeps only the newest N)")
+        else:
+            what = f"the storage of output_dir {url} failed during training: {failure}"
+            fix = "once the storage answers again (endpoint, credentials, network)"
         super().__init__(
-            f"the storage of output_dir {url} failed during training: {failure}. Checkpoints recorded before it are "
+            f"{what}. Checkpoints recorded before it are "
             "kept, and none that was cut short is ever resumed from (Ray Train records a checkpoint only once it is "
-            "uploaded). Fix: once the storage answers again (endpoint, credentials, network), run the same command: "
-            "with resume_from_checkpoint \"latest\" it resumes from the last recorded checkpoint.")
+            f"stored whole). Fix: {fix}, then run the same command: with resume_from_checkpoint \"latest\" it resumes "
+            "from the last recorded checkpoint.")
 
 
 def storage_failure(text: str) -> str | None:
-    """The first line of a Ray Train failure's text that reports an S3 error (pyarrow's "AWS Error ..."), else None."""
+    """The first line of a Ray Train failure's text that reports an S3 error (pyarrow's "AWS Error ...") or a full
+    disk, else None."""
     for line in text.splitlines():
-        if "AWS Error" in line:
+        if "AWS Error" in line or DISK_FULL in line:
             return line.strip().removeprefix("OSError: ")[:400]
     return None
 
@@ -175,10 +188,11 @@ def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:
 def train(config: Config, progress: bool = True) -> TrainResult:
     """Prepare the data (cache or stream), train on Ray Train + DeepSpeed, export the final LoRA to output_dir."""
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from longcat_ray.cache import make_plan
+    from longcat_ray.run_record import recover
     from longcat_ray.runtime import gpus_up
 
     accelerator = config.train.accelerator_type
@@ -193,7 +207,9 @@ def train(config: Config, progress: bool = True) -> TrainResult:
         check_cluster_fits(bundle, reader_resources(config, gpu_plan), workers)
     manifest = prepare_data(config, progress)
     resume = config.train.resume_from_checkpoint
-    explicit = Checkpoint(resume) if resume and resume != "latest" else None
+    resume_from = resume if resume and resume != "latest" else None  # a checkpoint's path or URL
+    if resume == "latest" and (recovered := recover(config.train.output_dir, run_name(config))):
+        resume_from = f"s3://{recovered}" if config.train.output_dir.startswith("s3://") else recovered
     trainer = TorchTrainer(
         train_loop,
         torch_config=worker_device_torch_config(),
@@ -202,6 +218,7 @@ def train(config: Config, progress: bool = True) -> TrainResult:
             "manifest": manifest,
             "plan": make_plan(config),
             "progress": progress,
+            "resume_from": resume_from,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu_plan, resources_per_worker=bundle,
                                      placement_strategy=config.train.placement_strategy),
@@ -213,13 +230,12 @@ def train(config: Config, progress: bool = True) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.checkpoints_total_limit),
             storage_filesystem=storage_filesystem(config.train.output_dir),
         ),
-        resume_from_checkpoint=explicit,
     )
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 -- re-raised as it came unless the storage failed
         failure = storage_failure(str(err))
-        if failure and is_url(config.train.output_dir):
+        if failure and (is_url(config.train.output_dir) or DISK_FULL in failure):
             raise StorageFailed(config.train.output_dir, failure) from err
         raise
     checkpoint = result.checkpoint
@@ -250,7 +266,7 @@ def copy_export(checkpoint, output_dir: str) -> None:
                     with open(source, "rb") as handle:
                         write_bytes_atomic(fs, join(root, relative), handle.read())
     except OSError as err:
-        if not is_url(output_dir):
+        if not is_url(output_dir) and err.errno != errno.ENOSPC:
             raise
         raise StorageFailed(output_dir, f"{err} (copying the trained LoRA from {checkpoint.path})") from err
 
@@ -313,7 +329,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     engine, params, scheduler = build_model(config, levers, world, device, dtype)
     offload = ActivationOffload(engine.module) if levers["offload_activations"] == "cpu" else None
     state = WorkerState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = first_checkpoint(loop_config["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = WorkerState(**load_checkpoint(engine, directory)["longcat_ray"])
@@ -322,6 +338,19 @@ def run_worker(loop_config: dict[str, Any]) -> None:
                         plan=loop_config["plan"], progress=loop_config["progress"], cuda_graphs=levers["cuda_graphs"],
                         offload=offload, started=started)
     loop.run()
+
+
+def first_checkpoint(resume_from: str | None):
+    """The checkpoint a worker starts from: the newest Ray Train recorded for this run (after a restart), else the
+    one `resume_from` names (resume_from_checkpoint set to a path, or the one run_record.recover chose), else None.
+    (Ray's own `resume_from_checkpoint` argument does the same but is deprecated, ray-project/ray#49454.)"""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint or not resume_from:
+        return checkpoint
+    fs = storage_filesystem(resume_from)
+    return ray.train.Checkpoint(resume_from.removeprefix("s3://"), filesystem=fs) if fs else ray.train.Checkpoint(resume_from)
 
 
 def has_cuda() -> bool:
@@ -635,6 +664,7 @@ class TrainingLoop:
         import ray.train
 
         from longcat_ray.export import export_lora
+        from longcat_ray.run_record import write_manifest
         from longcat_ray.zero import gathered, save_checkpoint
 
         with tempfile.TemporaryDirectory() as directory:
@@ -643,6 +673,7 @@ class TrainingLoop:
                 if self.rank == 0:
                     export_lora(self.engine.module, os.path.join(directory, LORA_DIR), {}, self.export_meta(),
                                 comfyui=self.config.lora.format == "comfyui")
+            write_manifest(directory, self.rank, self.world, self.state.step)  # what "stored whole" means (run_record)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def export_meta(self) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """Training end to end on the tiny model: real Ray Train, real DeepSpeed (gloo), 2 CPU workers."""
 
+import errno
 import glob
 import json
 import os
+import re
 import signal
+import subprocess
 import time
 
 import psutil
@@ -376,3 +379,91 @@ def test_output_dir_on_s3_survives_the_storage_going_away(tiny, ray_local, s3_en
     proxy.cut()  # gone again while the final LoRA is copied out of the last checkpoint: the same message
     with pytest.raises(StorageFailed, match=f"s3://{bucket}/out"):
         copy_export(Checkpoint(result.checkpoint, filesystem=storage_filesystem(config.train.output_dir)), config.train.output_dir)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs of its own (mounting needs root, as CI and the development machine have; skipped elsewhere,
+    saying why)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): the full-disk test needs root")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def fill(disk) -> str:
+    """Write zeros into disk/filler until the disk is full -> the filler's path."""
+    filler = os.path.join(disk, "filler")
+    handle = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(handle, bytes(1 << 20)):
+            pass
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(handle)
+    return filler
+
+
+def recorded_checkpoints(run) -> list[str]:
+    """The checkpoints Ray Train's record of `run` lists ([] while it has none or cannot be read)."""
+    try:
+        entries = json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError):
+        return []
+    names = {re.search(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+", json.dumps(entry))[0] for entry in entries}
+    return sorted(str(run / name) for name in names)
+
+
+def test_a_full_output_disk_stops_the_run_with_one_message_and_resumes_once_freed(tiny, ray_local, small_disk, capfd):
+    """output_dir on a small disk that the test fills once the first checkpoint (of 4 steps) is recorded: the run stops
+    (no retries left) with one message naming the disk and what to do, and every checkpoint Ray recorded is whole.
+    Ray rewrites its record of the run's checkpoints in place, so a full disk can leave that record empty, and Ray
+    then refuses to start the run again ("CheckpointManagerInitializationError": without run_record.recover, checked);
+    the record is set aside and the newest checkpoint whose files are all there is resumed from. Once the space is
+    freed the same call resumes from a checkpoint (not step 0), trains to the end and exports the LoRA."""
+    import threading
+
+    from longcat_ray.run_record import whole_step
+    from longcat_ray.storage import filesystem
+    from longcat_ray.training import StorageFailed
+
+    out = small_disk / "out"
+    config = tiny_config(tiny, out, max_train_steps=16, checkpointing_steps=4, max_failures=0)
+    config.validation.steps = 0
+    fillers = []
+
+    def fill_once_a_checkpoint_is_recorded() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not recorded_checkpoints(out / "run"):
+            time.sleep(0.02)
+        fillers.append(fill(small_disk))
+
+    filling = threading.Thread(target=fill_once_a_checkpoint_is_recorded, daemon=True)
+    filling.start()
+    with pytest.raises(StorageFailed) as failed:
+        train(config, progress=False)
+    filling.join()
+    message = str(failed.value)
+    assert "No space left on device" in message and str(out) in message, message
+    assert "free space" in message and "run the same command" in message
+    fs, _ = filesystem(str(out))
+    for checkpoint in recorded_checkpoints(out / "run"):  # whatever Ray recorded was stored whole
+        assert whole_step(fs, checkpoint) in (4, 8, 12), checkpoint
+
+    os.remove(fillers[0])
+    # the state a disk that fills while Ray rewrites its record leaves (seen when this test filled the disk as the
+    # first checkpoint was being stored): made here every time, since when the disk fills varies from run to run
+    (out / "run" / "checkpoint_manager_snapshot.json").write_bytes(b"")
+    capfd.readouterr()
+    result = train(config, progress=False)
+    assert result.steps == 16
+    assert (out / LORA_FILE).stat().st_size > 0
+    steps = [line["micro_step"] for line in samples_log(out, 0)]
+    resumed_at = next(later for earlier, later in zip(steps, steps[1:]) if later <= earlier)
+    assert resumed_at in (4, 8, 12) and steps[-1] == 15, steps  # from a whole checkpoint, not from step 0
+    assert f"Resuming from {out}/run/checkpoint_" in capfd.readouterr().err
+    assert len(list((out / "run").glob("checkpoint_manager_snapshot.json.unreadable-*"))) == 1  # kept, not deleted
