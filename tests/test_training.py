@@ -325,14 +325,26 @@ def test_a_gpu_model_with_none_up_needs_a_worker_count_and_pins_each_worker(tiny
     assert worker_resources(True, "H100") == {"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001}
 
 
+def storage_failure_message(config, fault) -> str:
+    """Train `config` with `fault` running on a thread beside it; the run must stop with StorageFailed -> its message."""
+    import threading
+
+    from longcat_ray.training import StorageFailed
+
+    faulting = threading.Thread(target=fault, daemon=True)
+    faulting.start()
+    with pytest.raises(StorageFailed) as failed:
+        train(config, progress=False)
+    faulting.join()
+    return str(failed.value)
+
+
 def test_output_dir_on_s3_survives_the_storage_going_away(tiny, ray_local, s3_endpoint, monkeypatch):
     """output_dir on s3:// (moto's server behind a loopback proxy the test cuts and restores). The storage cut as the
     first checkpoint is being uploaded: the run fails (no retries left) with one message naming the URL and
     the S3 error, and every checkpoint Ray recorded is complete (none cut short); with the storage back, the same
     call trains to the end and exports the LoRA to the bucket. (Before this test an s3:// output_dir failed at
     once: Ray wants the path without the scheme when given a filesystem.)"""
-    import threading
-
     import s3fs
 
     from ray.train import Checkpoint
@@ -357,12 +369,7 @@ def test_output_dir_on_s3_survives_the_storage_going_away(tiny, ray_local, s3_en
                 return
             time.sleep(0.05)
 
-    cutter = threading.Thread(target=cut_at_first_checkpoint_object, daemon=True)
-    cutter.start()
-    with pytest.raises(StorageFailed) as failed:
-        train(config, progress=False)
-    cutter.join()
-    message = str(failed.value)
+    message = storage_failure_message(config, cut_at_first_checkpoint_object)
     assert f"s3://{bucket}/out" in message and "AWS Error" in message and "run the same command" in message
     direct.invalidate_cache()
     snapshot = f"{bucket}/out/run/checkpoint_manager_snapshot.json"
@@ -425,11 +432,8 @@ def test_a_full_output_disk_stops_the_run_with_one_message_and_resumes_once_free
     then refuses to start the run again ("CheckpointManagerInitializationError": without run_record.recover, checked);
     the record is set aside and the newest checkpoint whose files are all there is resumed from. Once the space is
     freed the same call resumes from a checkpoint (not step 0), trains to the end and exports the LoRA."""
-    import threading
-
     from longcat_ray.run_record import whole_step
     from longcat_ray.storage import filesystem
-    from longcat_ray.training import StorageFailed
 
     out = small_disk / "out"
     config = tiny_config(tiny, out, max_train_steps=16, checkpointing_steps=4, max_failures=0)
@@ -442,12 +446,7 @@ def test_a_full_output_disk_stops_the_run_with_one_message_and_resumes_once_free
             time.sleep(0.02)
         fillers.append(fill(small_disk))
 
-    filling = threading.Thread(target=fill_once_a_checkpoint_is_recorded, daemon=True)
-    filling.start()
-    with pytest.raises(StorageFailed) as failed:
-        train(config, progress=False)
-    filling.join()
-    message = str(failed.value)
+    message = storage_failure_message(config, fill_once_a_checkpoint_is_recorded)
     assert "No space left on device" in message and str(out) in message, message
     assert "free space" in message and "run the same command" in message
     fs, _ = filesystem(str(out))
