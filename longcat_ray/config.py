@@ -182,9 +182,9 @@ class TrainConfig(Section):
     8.20 GiB at 0.25 s without it (benchmarks/RESULTS.md)."""
     offload_activations: Literal["none", "cpu"] = "none"
     """`cpu`: what the forward keeps for the backward goes to pinned host memory as it is saved (on a side stream,
-    while the next block computes) and comes back when the backward needs it: the same values, so the same maths,
-    for ~1 GiB over PCIe each way per 768² step. With `gradient_checkpointing` under compile that is each block's
-    inputs (~0.9 GiB of the step's 8.2 GiB on an H200 with the fp8 base). The model's weights never move. CUDA
+    while the next block computes) and comes back when the backward needs it: the same values, so the same maths.
+    With `gradient_checkpointing` under compile that is each block's inputs (~0.9 GiB at 768², computed). The
+    model's weights never move. CUDA
     graphs hold their outputs in their own memory pool, so this turns `cuda_graphs` off. For the smallest cards: on
     an H200 (fp8 base, budget 0, 768², same machine) 7.97 GiB peak at 0.274 s/sample against 8.20 GiB at 0.253 s
     (benchmarks/RESULTS.md)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import sys
 import time
 
@@ -69,8 +70,9 @@ def recover(output_dir: str, run: str) -> str | None:
         return None
     aside = f"{record}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
     fs.mv(record, aside)
-    checkpoints = sorted((p for p in fs.ls(join(root, run), detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")),
-                         reverse=True)  # Ray names them checkpoint_<timestamp>: newest first
+    # Ray names them checkpoint_<timestamp>: newest first
+    checkpoints = sorted((p for p in fs.ls(join(root, run), detail=False) if posixpath.basename(p).startswith("checkpoint_")),
+                         reverse=True)
     for checkpoint in checkpoints:
         step = whole_step(fs, checkpoint)
         if step is not None:

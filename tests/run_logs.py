@@ -1,7 +1,12 @@
-"""What a training run leaves under a local output_dir, read by the tests that kill, stop and resume runs."""
+"""What a training run leaves under its output_dir, read by the tests that kill, stop, starve and resume runs."""
 
 import json
 import os
+import re
+
+from longcat_ray.run_record import SNAPSHOT
+
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+")  # Ray's checkpoint_<timestamp>
 
 
 def samples_log(out, rank=0) -> list[dict]:
@@ -10,10 +15,24 @@ def samples_log(out, rank=0) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
+def recorded(snapshot: str | bytes) -> list[str]:
+    """The names of the checkpoints a Ray Train run record lists ([] for one cut short or empty)."""
+    try:
+        entries = json.loads(snapshot)["checkpoint_results"]
+    except ValueError:
+        return []
+    return sorted({CHECKPOINT_NAME.search(json.dumps(entry))[0] for entry in entries})
+
+
+def recorded_under(run) -> list[str]:
+    """The paths of the checkpoints the record of the local run folder `run` lists ([] before it is written)."""
+    try:
+        return [str(run / name) for name in recorded((run / SNAPSHOT).read_text())]
+    except OSError:
+        return []
+
+
 def committed(out) -> int:
     """Checkpoints Ray Train's controller has recorded for the run (a worker's save counts once it is recorded:
     a worker lost before that rewinds to the checkpoint before)."""
-    try:
-        return len(json.loads((out / "run" / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return 0
+    return len(recorded_under(out / "run"))

@@ -4,7 +4,6 @@ import errno
 import glob
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -20,9 +19,10 @@ from longcat_ray.export import LORA_FILE, PEFT_DIR
 from longcat_ray.inference import EditRequest, edit_image
 from longcat_ray.model.loss import flow_matching_loss
 from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
+from longcat_ray.run_record import SNAPSHOT
 from longcat_ray.training import train
 from tests.conftest import reference_image
-from tests.run_logs import committed, samples_log
+from tests.run_logs import committed, recorded, recorded_under, samples_log
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -372,11 +372,10 @@ def test_output_dir_on_s3_survives_the_storage_going_away(tiny, ray_local, s3_en
     message = storage_failure_message(config, cut_at_first_checkpoint_object)
     assert f"s3://{bucket}/out" in message and "AWS Error" in message and "run the same command" in message
     direct.invalidate_cache()
-    snapshot = f"{bucket}/out/run/checkpoint_manager_snapshot.json"
-    recorded = json.loads(direct.cat(snapshot))["checkpoint_results"] if direct.exists(snapshot) else []
-    for entry in recorded:  # whatever Ray recorded was uploaded whole
-        path = json.dumps(entry).split('"path": "', 1)[1].split('"', 1)[0]
-        assert direct.exists(f"{path}/lora/{LORA_FILE}") and direct.ls(f"{path}/zero"), entry
+    snapshot = f"{bucket}/out/run/{SNAPSHOT}"
+    for name in recorded(direct.cat(snapshot)) if direct.exists(snapshot) else []:  # whatever Ray recorded was uploaded whole
+        path = f"{bucket}/out/run/{name}"
+        assert direct.exists(f"{path}/lora/{LORA_FILE}") and direct.ls(f"{path}/zero"), name
 
     proxy.restore()
     result = train(config, progress=False)
@@ -415,16 +414,6 @@ def fill(disk) -> str:
     return filler
 
 
-def recorded_checkpoints(run) -> list[str]:
-    """The checkpoints Ray Train's record of `run` lists ([] while it has none or cannot be read)."""
-    try:
-        entries = json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
-    except (OSError, ValueError):
-        return []
-    names = {re.search(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+", json.dumps(entry))[0] for entry in entries}
-    return sorted(str(run / name) for name in names)
-
-
 def test_a_full_output_disk_stops_the_run_with_one_message_and_resumes_once_freed(tiny, ray_local, small_disk, capfd):
     """output_dir on a small disk that the test fills once the first checkpoint (of 4 steps) is recorded: the run stops
     (no retries left) with one message naming the disk and what to do, and every checkpoint Ray recorded is whole.
@@ -442,7 +431,7 @@ def test_a_full_output_disk_stops_the_run_with_one_message_and_resumes_once_free
 
     def fill_once_a_checkpoint_is_recorded() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and not recorded_checkpoints(out / "run"):
+        while time.time() < deadline and not recorded_under(out / "run"):
             time.sleep(0.02)
         fillers.append(fill(small_disk))
 
@@ -450,13 +439,13 @@ def test_a_full_output_disk_stops_the_run_with_one_message_and_resumes_once_free
     assert "No space left on device" in message and str(out) in message, message
     assert "free space" in message and "run the same command" in message
     fs, _ = filesystem(str(out))
-    for checkpoint in recorded_checkpoints(out / "run"):  # whatever Ray recorded was stored whole
+    for checkpoint in recorded_under(out / "run"):  # whatever Ray recorded was stored whole
         assert whole_step(fs, checkpoint) in (4, 8, 12), checkpoint
 
     os.remove(fillers[0])
     # the state a disk that fills while Ray rewrites its record leaves (seen when this test filled the disk as the
     # first checkpoint was being stored): made here every time, since when the disk fills varies from run to run
-    (out / "run" / "checkpoint_manager_snapshot.json").write_bytes(b"")
+    (out / "run" / SNAPSHOT).write_bytes(b"")
     capfd.readouterr()
     result = train(config, progress=False)
     assert result.steps == 16
@@ -465,4 +454,4 @@ def test_a_full_output_disk_stops_the_run_with_one_message_and_resumes_once_free
     resumed_at = next(later for earlier, later in zip(steps, steps[1:]) if later <= earlier)
     assert resumed_at in (4, 8, 12) and steps[-1] == 15, steps  # from a whole checkpoint, not from step 0
     assert f"Resuming from {out}/run/checkpoint_" in capfd.readouterr().err
-    assert len(list((out / "run").glob("checkpoint_manager_snapshot.json.unreadable-*"))) == 1  # kept, not deleted
+    assert len(list((out / "run").glob(f"{SNAPSHOT}.unreadable-*"))) == 1  # kept, not deleted

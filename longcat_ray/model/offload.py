@@ -1,10 +1,11 @@
 """The forward's saved activations kept in host memory until the backward needs them (`offload_activations: cpu`).
 
 With the compiler's recomputation at budget 0 (gradient checkpointing's default under compile) each compiled block
-keeps only its inputs for the backward: at 768², 30 blocks x ~32 MiB of hidden states, ~0.9 GiB of a 8.2 GiB step
-on an H200 (benchmarks/RESULTS.md). Here they go to pinned host memory as they are saved, copied on a side stream
-while the next block computes, and come back when the block's backward unpacks them: the same values, so the
-same maths, for ~1 GiB over PCIe each way per step.
+keeps only its inputs for the backward: at 768², 30 blocks x ~32 MiB of hidden states, ~0.9 GiB (computed) of a
+step that peaks at 8.2 GiB on an H200. Here they go to pinned host memory as they are saved, copied on a side stream
+while the next block computes, and come back when the block's backward unpacks them: the same values, so the same
+maths. Measured there: the peak fell by 0.23 GiB, not 0.9 (the peak is inside a double block's backward, when most
+inputs are gone anyway), for 21 ms a step of copies back (benchmarks/RESULTS.md).
 
 What is never moved: the model's own parameters and buffers (the frozen base, the LoRA: they stay on the device
 anyway, and a copy would free nothing), and tensors smaller than `TOKENS` tokens of the model's width (per-sample
@@ -42,10 +43,8 @@ class ActivationOffload:
     model: torch.nn.Module
     min_numel: int | None = None
     """Smallest tensor moved, in elements; None: TOKENS x the model's width (`inner_dim`)."""
-    moved: int = 0
-    """Tensors copied to the host so far (for tests)."""
     moved_bytes: int = 0
-    """Their bytes (the training log shows them per step)."""
+    """Bytes copied to the host so far (the training log shows them per step)."""
     keep: set[int] = field(init=False)
     stream: Any = field(init=False)
     live: dict[tuple, tuple[weakref.ref, Offloaded]] = field(init=False, default_factory=dict)
@@ -59,10 +58,11 @@ class ActivationOffload:
 
     @contextmanager
     def saving(self) -> Iterator[None]:
-        self.live.clear()
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            yield
-        self.live.clear()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            self.live.clear()  # host copies stay alive through the autograd graph alone
 
     def movable(self, tensor: torch.Tensor) -> bool:
         return (type(tensor) is torch.Tensor and tensor.is_contiguous() and tensor.numel() >= self.min_numel
@@ -77,7 +77,6 @@ class ActivationOffload:
             return seen[1]
         packed = self.copy_to_host(tensor)
         self.live[key] = (weakref.ref(tensor), packed)
-        self.moved += 1
         self.moved_bytes += tensor.nbytes
         return packed
 
