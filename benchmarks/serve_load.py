@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -52,23 +53,41 @@ def make_loras(pipe, root: Path, count: int) -> list[str]:
     return ids
 
 
-def in_process(pipe, side: int, quantize: str, compile: bool, iters: int = 3) -> float:
-    from longcat_ray.inference import EditRequest, edit_images, speed_up
+def timed_edits(pipe, side: int, iters: int) -> tuple[float, Image.Image]:
+    """`iters` + 1 edits of one noise source (the first compiles) -> (median seconds of the rest, the last image)."""
+    from longcat_ray.inference import EditRequest, edit_images
 
-    speed_up(pipe, quantize, compile)
     reference = Image.effect_noise((1024, 1024), 64).convert("RGB")
-    request = EditRequest(prompt="make the sky a sunset", width=side, height=side, steps=40, guidance=4.5)
+    request = EditRequest(prompt="make the sky a sunset", width=side, height=side, steps=40, guidance=4.5, seed=0)
     times = []
-    for _ in range(iters + 1):  # the first call compiles
+    for _ in range(iters + 1):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            edit_images(pipe, [reference], [request])
+            image = edit_images(pipe, [reference], [request])[0]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return statistics.median(times[1:]), image
+
+
+def in_process(pipe, side: int, quantize: str, compile: bool, fast_accum: bool, result: dict, iters: int = 3) -> None:
+    """The replica's own path in this process -> result's in_process_s_per_edit; with `fast_accum` (and fp8) the
+    same converted DiT again with the tensor cores' fast fp8 accumulation (a recompile), its seconds and how far its
+    image moves from the exact accumulation's (mean |difference| in 0-255 pixel units, same seed)."""
+    from longcat_ray.inference import speed_up
+    from longcat_ray.model.fp8 import Float8RowwiseLinear
+
+    speed_up(pipe, quantize, compile)
+    seconds, image = timed_edits(pipe, side, iters)
+    result["in_process_s_per_edit"] = round(seconds, 3)
+    if fast_accum and quantize == "fp8":
+        Float8RowwiseLinear.FAST_ACCUM = True  # a class attribute the compiled graphs guard on: they recompile
+        seconds, fast = timed_edits(pipe, side, iters)
+        Float8RowwiseLinear.FAST_ACCUM = False
+        diff = np.abs(np.asarray(fast, np.float32) - np.asarray(image, np.float32)).mean()
+        result.update(in_process_fast_accum_s_per_edit=round(seconds, 3), fast_accum_mean_abs_pixel_diff=round(float(diff), 3))
 
 
 class Client:
@@ -79,6 +98,7 @@ class Client:
         Image.effect_noise((1024, 1024), 64).convert("RGB").save(buffer, format="PNG")
         self.url, self.side, self.source = url, side, buffer.getvalue()
         self.model_s: list[float] = []  # the replica's own seconds per edit (X-Edit-Seconds), to split off HTTP
+        self.stages: list[dict[str, float]] = []  # Server-Timing of each edit: ms per server stage, "client" the rest
 
     def edit(self, seed: int, lora: str = "") -> float:
         import requests
@@ -88,8 +108,16 @@ class Client:
                                  data={"prompt": "make the sky a sunset", "width": str(self.side), "height": str(self.side),
                                        "num_inference_steps": "40", "guidance_scale": "4.5", "seed": str(seed), "lora": lora})
         response.raise_for_status()
+        wall = time.perf_counter() - start
         self.model_s.append(float(response.headers["X-Edit-Seconds"]))
-        return time.perf_counter() - start
+        stages = {k: float(v) for k, v in (item.split(";dur=") for item in response.headers["Server-Timing"].split(", "))}
+        self.stages.append({**stages, "client_and_proxy": 1000 * wall - sum(stages.values())})
+        return wall
+
+    def stage_medians(self, last: int) -> dict[str, float]:
+        """Median milliseconds per stage over the last `last` edits."""
+        rows = self.stages[-last:]
+        return {name: round(statistics.median(row[name] for row in rows), 1) for name in rows[0]}
 
     def load(self, concurrent: int, rounds: int) -> dict:
         """`rounds` waves of `concurrent` requests at once -> latency percentiles and images per second."""
@@ -139,6 +167,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--rounds", type=int, default=2, help="waves of requests per concurrency level")
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run")
+    parser.add_argument("--fast-accum", action="store_true",
+                        help="with --quantize fp8: also time the in-process edit with fp8 fast accumulation")
     parser.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size 1 deployment")
     parser.add_argument("--only-unbatched", action="store_true",
                         help="only the max_batch_size 1 deployment (when one device call cannot hold every phase)")
@@ -168,7 +198,7 @@ def main() -> None:
         if args.only_unbatched:
             del pipe
             return unbatched(config, root, side, max(levels), args.rounds, result, save)
-        result["in_process_s_per_edit"] = round(in_process(pipe, side, args.quantize, args.compile), 3)
+        in_process(pipe, side, args.quantize, args.compile, args.fast_accum, result)
         del pipe
         torch._dynamo.reset()
         if torch.cuda.is_available():
@@ -179,15 +209,19 @@ def main() -> None:
         client.edit(0)
         result["http_s_per_edit"] = round(statistics.median(client.edit(i) for i in range(1, 4)), 3)
         result["replica_model_s_per_edit"] = round(statistics.median(client.model_s[-3:]), 3)  # same three requests
+        result["http_stages_ms"] = client.stage_medians(3)
         result["batched"] = [client.load(c, args.rounds) for c in levels]
         save()
         client.edit(0, loras[0])
         loaded = statistics.median(client.edit(i, loras[0]) for i in range(3))
         switched = statistics.median(client.edit(i, loras[i % 2]) for i in range(1, 4))  # one slot: each one reloads
-        result.update(lora_loaded_s=round(loaded, 3), lora_switched_s=round(switched, 3), lora_switch_s=round(switched - loaded, 3))
+        result.update(lora_loaded_s=round(loaded, 3), lora_switched_s=round(switched, 3), lora_switch_s=round(switched - loaded, 3),
+                      lora_switched_stages_ms=client.stage_medians(3))  # the adapter's load is in "wait"
         serve.shutdown()
         url, result["warm_cache_ready_s"] = deploy(config, root / "inductor-new-node")
-        result["warm_cache_first_edit_s"] = round(Client(url, side).edit(0), 3)  # at steady latency if nothing compiles
+        fresh = Client(url, side)
+        result["warm_cache_first_edit_s"] = round(fresh.edit(0), 3)  # at steady latency if nothing compiles
+        result["warm_cache_first_edit_stages_ms"] = fresh.stage_medians(1)
         serve.shutdown()
         save()
         if not args.no_unbatched:

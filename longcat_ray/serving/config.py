@@ -30,8 +30,9 @@ class ServeConfig(Section):
     """Autoscaling target: requests queued or running per replica."""
     max_batch_size: int = Field(4, ge=1)
     """Requests of one size, step count and LoRA share a denoising batch of up to this many."""
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    """How long a replica waits for a batch to fill."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """How long an idle replica waits for more requests to join the first one's batch (requests that arrive while
+    it runs a batch wait for the next one anyway). Every lone request pays it: Serve's own default, 10 ms."""
     max_queued_requests: int = Field(64, ge=1)
     """Edits waiting for a model replica beyond what the replicas hold (`2 * max_batch_size` each); past it a new
     request is answered 503 with `Retry-After` at once instead of waiting without bound."""

@@ -76,6 +76,10 @@ def test_loras_per_request(server, tiny):
     assert np.abs(pixels(post_edit(server, source, lora="style1", lora_scale="0")) - base).max() <= 1
     response = post_edit(server, source, seed="4")
     assert response.headers["X-Seed"] == "4" and np.abs(pixels(response) - base).max() > 10
+    stages = dict(item.split(";dur=") for item in response.headers["Server-Timing"].split(", "))
+    assert list(stages) == ["read", "decode", "hops", "wait", "model", "png"]
+    assert float(stages["model"]) == pytest.approx(1000 * float(response.headers["X-Edit-Seconds"]), abs=1)
+    assert all(float(ms) >= 0 for ms in stages.values())
 
 
 
