@@ -100,13 +100,14 @@ class Client:
         self.model_s: list[float] = []  # the replica's own seconds per edit (X-Edit-Seconds), to split off HTTP
         self.stages: list[dict[str, float]] = []  # Server-Timing of each edit: ms per server stage, "client" the rest
 
-    def edit(self, seed: int, lora: str = "") -> float:
+    def edit(self, seed: int, lora: str = "", lora_scale: float = 1.0) -> float:
         import requests
 
         start = time.perf_counter()
         response = requests.post(f"{self.url}/v1/edit", files={"image": ("ref.png", self.source, "image/png")}, timeout=1800,
                                  data={"prompt": "make the sky a sunset", "width": str(self.side), "height": str(self.side),
-                                       "num_inference_steps": "40", "guidance_scale": "4.5", "seed": str(seed), "lora": lora})
+                                       "num_inference_steps": "40", "guidance_scale": "4.5", "seed": str(seed), "lora": lora,
+                                       "lora_scale": str(lora_scale)})
         response.raise_for_status()
         wall = time.perf_counter() - start
         self.model_s.append(float(response.headers["X-Edit-Seconds"]))
@@ -163,7 +164,7 @@ def unbatched(config, root: Path, side: int, concurrent: int, rounds: int, resul
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile", action="store_true", help="compile: true (the replica's warm-up compiles)")
-    parser.add_argument("--quantize", default="none", choices=["none", "fp8"])
+    parser.add_argument("--quantize", default="none", choices=["none", "fp8", "fp8-fast"])
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--rounds", type=int, default=2, help="waves of requests per concurrency level")
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run")
@@ -212,11 +213,15 @@ def main() -> None:
         result["http_stages_ms"] = client.stage_medians(3)
         result["batched"] = [client.load(c, args.rounds) for c in levels]
         save()
-        client.edit(0, loras[0])
+        result["lora_first_s"] = round(client.edit(0, loras[0]), 3)  # the replica's first adapter: its slot compiles
+        result["lora_first_stages_ms"] = client.stage_medians(1)
         loaded = statistics.median(client.edit(i, loras[0]) for i in range(3))
         switched = statistics.median(client.edit(i, loras[i % 2]) for i in range(1, 4))  # one slot: each one reloads
         result.update(lora_loaded_s=round(loaded, 3), lora_switched_s=round(switched, 3), lora_switch_s=round(switched - loaded, 3),
                       lora_switched_stages_ms=client.stage_medians(3))  # the adapter's load is in "wait"
+        result["lora_new_scale_s"] = round(client.edit(0, loras[1], lora_scale=0.6), 3)  # a strength not used before
+        result["base_after_lora_s"] = round(client.edit(0), 3)
+        save()
         serve.shutdown()
         url, result["warm_cache_ready_s"] = deploy(config, root / "inductor-new-node")
         fresh = Client(url, side)

@@ -249,12 +249,35 @@ class Editor:
             return
         if scales:
             transformer.enable_adapters()
-            transformer.set_adapters(list(scales), weights=list(scales.values()))
+            set_lora_scales(transformer, scales)
         else:
             transformer.disable_adapters()
 
     def edit(self, reference: Image.Image, request: EditRequest, preview=None) -> Image.Image:
         return edit_image(self.pipe, reference, request, preview)
+
+
+def set_lora_scales(transformer, scales: dict[str, float]) -> None:
+    """Activate these adapters at these strengths, as diffusers' `set_adapters(names, weights)` does, but each
+    layer's scale (strength x alpha / rank, peft's own formula) lives in one 0-dim CPU float64 tensor per layer and
+    adapter, changed in place: a compiled DiT reads it as an input instead of guarding on a Python float, so a new
+    strength does not recompile (it did: 2 graphs per new value). CPU float64, as Python floats enter the product
+    (`lora_B(...) * scaling`): the same numbers. A new adapter under a deleted one's name reuses its tensors."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    for module in transformer.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        module.set_adapter(list(scales), inference_mode=True)  # no requires_grad flags flipped on
+        held = module.__dict__.setdefault("held_scaling", {})
+        for name, strength in scales.items():
+            if name not in module.scaling:
+                continue
+            module.set_scale(name, strength)  # peft's float: strength * alpha / r (or / sqrt(r) with rslora)
+            value = float(module.scaling[name])
+            if name not in held:
+                held[name] = torch.tensor(value, dtype=torch.float64)
+            module.scaling[name] = held[name].fill_(value)
 
 
 def load_editor(name_or_path: str, device: str | None = None, loras: list[str] = (), offload: str = "none") -> Editor:
@@ -286,13 +309,17 @@ def speed_up(pipe, quantize: str = "none", compile: bool = False) -> None:
 def quantize_dit(transformer, quantize: str) -> None:
     """`fp8`: the DiT's frozen linears as training's `fp8-matmul` base converts them (model/fp8.py), with scales
     per token row and per output row (a request's output does not depend on what shares its batch); the modulation
-    linears in int8. Approximates bf16. LoRAs load onto the converted layers as onto any Linear."""
-    if quantize == "fp8":
-        from longcat_ray.model.fp8 import convert_base
+    linears in int8. Approximates bf16. LoRAs load onto the converted layers as onto any Linear. `fp8-fast`: the
+    same with the tensor cores' fast fp8 accumulation (torchao's inference default; less exact)."""
+    if quantize in ("fp8", "fp8-fast"):
+        from longcat_ray.model.fp8 import Float8RowwiseLinear, convert_base
 
         convert_base(transformer.requires_grad_(False), min_features=transformer.inner_dim, inference=True)
+        for module in transformer.modules():
+            if isinstance(module, Float8RowwiseLinear):
+                module.FAST_ACCUM = quantize == "fp8-fast"
     elif quantize != "none":
-        raise ValueError(f"quantize must be none or fp8, got {quantize!r}")
+        raise ValueError(f"quantize must be none, fp8 or fp8-fast, got {quantize!r}")
 
 
 def apply_offload(pipe, offload: str) -> None:

@@ -80,8 +80,15 @@ def test_fp8_dit_predicts_like_the_full_one_and_takes_loras(tiny, tiny_pipe, tin
             pipe.transformer.set_adapters(["style0"], [10.0])  # loud enough to stand out of fp8's error
             velocity[quantize + "+lora"] = predict_velocity(pipe.transformer, noisy, ref, text, txt_ids, img_ids, torch.tensor([0.7, 0.3]))
     assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer, Float8RowwiseLinear)
+    fast = LongCatImageEditPipeline.from_pretrained(tiny.model).transformer
+    quantize_dit(fast, "fp8-fast")
+    assert {m.FAST_ACCUM for m in fast.modules() if isinstance(m, Float8RowwiseLinear)} == {True}
+    assert not Float8RowwiseLinear.FAST_ACCUM  # per converted layer, not for every fp8 DiT in the process
+    with torch.no_grad():
+        velocity["fp8-fast"] = predict_velocity(fast, noisy, ref, text, txt_ids, img_ids, torch.tensor([0.7, 0.3]))
     relative = lambda a, b: ((velocity[a] - velocity[b]).norm() / velocity[b].norm()).item()  # noqa: E731
     assert relative("fp8", "none") < 0.1 and relative("fp8+lora", "none+lora") < 0.1  # e4m3 at 32 wide: ~5% measured
+    assert relative("fp8-fast", "none") < 0.1
     lora_on_fp8, lora_on_full = velocity["fp8+lora"] - velocity["fp8"], velocity["none+lora"] - velocity["none"]
     assert ((lora_on_fp8 - lora_on_full).norm() / lora_on_full.norm()).item() < 0.2  # the adapter acts as on bf16
     pipe.transformer.delete_adapters("style0")
@@ -113,3 +120,45 @@ def test_a_loaded_lora_holds_the_files_weights_where_the_base_is(tiny, tiny_lora
         loaded = params[key.replace(".weight", ".style0.weight")]
         assert loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu"
         assert torch.equal(loaded, tensor.to(torch.bfloat16)), key
+
+
+def test_lora_strengths_and_adapters_in_one_slot_switch_without_recompiling(tiny, tiny_loras):
+    """Editor.use_loras (held 0-dim scale tensors) computes what diffusers' set_adapters(names, weights) computes,
+    bit for bit; with the DiT's blocks compiled as serving compiles them, a new strength or another adapter loaded
+    into the same slot name compiles nothing new (each used to compile both block graphs again)."""
+    from diffusers import LongCatImageEditPipeline
+    from torch._dynamo.utils import counters
+
+    from longcat_ray.inference import Editor
+    from longcat_ray.model.flow import edit_position_ids, predict_velocity
+
+    g = torch.Generator().manual_seed(0)
+    noisy, ref, text = torch.randn(1, 24, 64, generator=g), torch.randn(1, 24, 64, generator=g), torch.randn(1, 12, 64, generator=g)
+    txt_ids, img_ids = edit_position_ids(12, 4, 6)
+    pipe = LongCatImageEditPipeline.from_pretrained(tiny.model)
+    editor = Editor(pipe)
+    velocity = lambda: predict_velocity(pipe.transformer, noisy, ref, text, txt_ids, img_ids, torch.tensor([0.7]))  # noqa: E731
+    editor.add_lora(str(tiny_loras / "style0"), "slot0")
+    with torch.no_grad():
+        pipe.transformer.set_adapters(["slot0"], [0.7])  # diffusers' path: Python floats
+        expected = velocity()
+        editor.use_loras({"slot0": 0.7})
+        assert torch.equal(velocity(), expected)
+
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        compiled = velocity()  # compiles at strength 0.7
+        assert torch.allclose(compiled, expected, atol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        editor.use_loras({"slot0": 0.3})
+        weaker = velocity()
+        pipe.transformer.delete_adapters("slot0")
+        editor.loras.pop("slot0")
+        editor.add_lora(str(tiny_loras / "style1.safetensors"), "slot0")
+        editor.use_loras({"slot0": 1.2})
+        other = velocity()
+        assert counters["stats"]["unique_graphs"] == graphs
+        pipe.transformer.set_adapters(["slot0"], [1.2])  # the reference for style1 at 1.2, through diffusers (eager)
+        torch._dynamo.reset()
+    assert not torch.allclose(weaker, compiled, atol=1e-3) and not torch.allclose(other, compiled, atol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(other, velocity(), atol=1e-5)

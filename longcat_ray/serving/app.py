@@ -14,7 +14,6 @@ Bad input is answered by the ingress with a 4xx naming the field and never reach
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 import asyncio
 import dataclasses
-import hashlib
 import io
 import secrets
 import time
@@ -152,13 +151,24 @@ class EditModel:
     async def _load(self, key: str) -> LoadedAdapter:
         """`key`: EditJob.adapter_key (the URL and the file's version: a replaced file loads as a new adapter, and
         the old one leaves the cache as the least recently used)."""
-        name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
-        await asyncio.wrap_future(self.submit(self.load_adapter, key.rsplit("#", 1)[0], name))
+        name = await asyncio.wrap_future(self.submit(self.load_adapter, key.rsplit("#", 1)[0]))
         return LoadedAdapter(self, name)
 
-    def load_adapter(self, url: str, name: str) -> None:
-        load_lora(self.editor.pipe.transformer, local_copy(url, self.config.lora_storage_options), name)
-        self.editor.loras[name] = url
+    def load_adapter(self, url: str) -> str:
+        """Load into a free slot (`slot0` .. `slot<max_loras_per_replica - 1>`; Serve unloads the least recently used
+        adapter first, on this same thread) -> the slot. Fixed names: the compiled DiT guards on adapter names, so a
+        name per adapter recompiled the blocks for every new adapter (16 s on an H200, and past the recompile limit
+        the blocks ran uncompiled); a slot compiles once, and adapters of one rank and targets reuse it."""
+        slot = next(f"slot{i}" for i in range(self.config.max_loras_per_replica) if f"slot{i}" not in self.editor.loras)
+        transformer = self.editor.pipe.transformer
+        try:
+            load_lora(transformer, local_copy(url, self.config.lora_storage_options), slot)
+        except Exception:
+            if slot in getattr(transformer, "peft_config", {}):  # half loaded: leave the slot empty for the next
+                transformer.delete_adapters(slot)
+            raise
+        self.editor.loras[slot] = url
+        return slot
 
     def unload_adapter(self, name: str) -> None:
         self.editor.pipe.transformer.delete_adapters(name)

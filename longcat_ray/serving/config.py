@@ -57,10 +57,12 @@ class ServeConfig(Section):
     default_guidance: float = Field(4.5, ge=0)
     default_area: int = Field(1024 * 1024, ge=SIZE_GRID * SIZE_GRID)
     """Output pixel area when a request gives neither width nor height (the pipeline's ~1 MP)."""
-    quantize: Literal["none", "fp8"] = "none"
+    quantize: Literal["none", "fp8", "fp8-fast"] = "none"
     """GPU only: `fp8` runs the DiT's linears as fp8 matmuls (scales per token row and per weight row, as
     training's `fp8-matmul` base but row-wise; modulation in int8): faster on H100-class cards, half the DiT's
-    memory, an approximation of bf16."""
+    memory, an approximation of bf16. `fp8-fast`: the same with the tensor cores' fast fp8 accumulation, 6% faster
+    again on an H200 at 768² (5.28 against 5.64 s per 40-step edit) and less exact (the image moved by 0.9 of 255
+    per pixel on average; benchmarks/RESULTS.md)."""
     compile: bool = False
     """GPU only: torch.compile the repeated DiT blocks (each new size/batch shape compiles once, ~a minute)."""
     compile_cache_dir: str | None = None
