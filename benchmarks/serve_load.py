@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run")
     parser.add_argument("--fast-accum", action="store_true",
                         help="with --quantize fp8: also time the in-process edit with fp8 fast accumulation")
+    parser.add_argument("--warmup-lora", action="store_true", help="warmup_lora: the first adapter (lora_first_s then "
+                        "shows whether a first adapter still compiles)")
     parser.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size 1 deployment")
     parser.add_argument("--only-unbatched", action="store_true",
                         help="only the max_batch_size 1 deployment (when one device call cannot hold every phase)")
@@ -195,7 +197,8 @@ def main() -> None:
         loras = make_loras(pipe, root / "loras", 2)
         config = ServeConfig(model=str(root / "pipeline"), lora_root=str(root / "loras"), quantize=args.quantize,
                              compile=args.compile, compile_cache_dir=str(root / "compiled"), warmup_sizes=[f"{side}x{side}"],
-                             max_batch_size=max(levels), max_loras_per_replica=1, default_steps=40)
+                             max_batch_size=max(levels), max_loras_per_replica=1, default_steps=40,
+                             warmup_lora=loras[0] if args.warmup_lora else None)
         if args.only_unbatched:
             del pipe
             return unbatched(config, root, side, max(levels), args.rounds, result, save)

@@ -218,15 +218,27 @@ def check_lora(transformer, weights: LoraWeights) -> None:
 def load_lora(transformer, path: str, name: str) -> LoraWeights:
     """Load a LoRA of any supported layout (longcat_ray/lora_files.py) under adapter `name`, at the strength its
     file or config says."""
+    weights = read_checked_lora(transformer, path)
+    add_lora_weights(transformer, weights, name)
+    return weights
+
+
+def read_checked_lora(transformer, path: str) -> LoraWeights:
+    """A LoRA file of any supported layout, checked against this transformer (LoraError naming the file)."""
     module_names = [module_name for module_name, _ in transformer.named_modules()]
     weights = read_lora(path, [n.removesuffix(".base_layer") for n in module_names if n])
     check_lora(transformer, weights)
+    return weights
+
+
+def add_lora_weights(transformer, weights: LoraWeights, name: str) -> None:
+    """Checked weights -> adapter `name` of the transformer (peft layers made on the meta device and filled from
+    `weights`: no random init of weights the file overwrites)."""
     try:
         transformer.load_lora_adapter(dict(weights.state), prefix=None, adapter_name=name, metadata=weights.lora_config(),
-                                      low_cpu_mem_usage=True)  # no random init of weights the file overwrites
+                                      low_cpu_mem_usage=True)
     except (ValueError, TypeError, KeyError, RuntimeError) as err:  # diffusers/peft's own refusals, named by file
         raise LoraError(f"{weights.file}: {err}") from None
-    return weights
 
 
 class Editor:

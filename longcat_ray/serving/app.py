@@ -32,7 +32,9 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from longcat_ray.inference import EditRequest, Editor, batch_key, edit_images, load_lora, load_pipeline, speed_up
+from longcat_ray.inference import (EditRequest, Editor, add_lora_weights, batch_key, edit_images, load_pipeline,
+                                   read_checked_lora, speed_up)
+from longcat_ray.lora_files import LoraWeights
 from longcat_ray.buckets import resize_image
 from longcat_ray.serving.adapters import find_lora, list_loras, local_copy
 from longcat_ray.serving.batching import BatchQueue
@@ -43,6 +45,7 @@ from longcat_ray.serving.config import ServeConfig
 from longcat_ray.serving.uploads import RequestError, build_request, check_range, check_request_id, decode_upload
 
 APP_NAME = "longcat-ray"
+ACTIVE_ADAPTER = "active"
 
 
 @dataclass
@@ -85,17 +88,13 @@ class EditResult:
         return ", ".join(f"{name};dur={ms:.1f}" for name, ms in self.timing.items())
 
 
+@dataclass(eq=False)
 class LoadedAdapter:
-    """What @serve.multiplexed caches; Serve calls __del__ when it evicts it (least recently used)."""
+    """What @serve.multiplexed caches per adapter (least recently used dropped first): its checked weights, on the
+    model's device. The DiT carries one of them at a time as its one peft adapter (EditModel.use_adapter)."""
 
-    def __init__(self, model: "EditModel", name: str):
-        self.model, self.name, self.unloaded = model, name, False
-
-    def __del__(self) -> None:
-        # Queued behind running edits on the model's one thread, so no edit loses its adapter midway.
-        if not self.unloaded:
-            self.unloaded = True
-            self.model.submit(self.model.unload_adapter, self.name)
+    key: str
+    weights: LoraWeights
 
 
 class ProgressBoard:
@@ -135,6 +134,7 @@ class EditModel:
         speed_up(self.editor.pipe, config.quantize, config.compile)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="longcat-model")
         self.fatal: str | None = None
+        self.active: LoadedAdapter | None = None  # whose weights the DiT's one adapter holds
 
         async def load(key: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
             return await self._load(key)
@@ -142,8 +142,20 @@ class EditModel:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras_per_replica)(load)
         self.queue = BatchQueue(self.run_group, key=EditJob.group, max_batch_size=config.max_batch_size,
                                 wait_s=config.batch_wait_timeout_s)
-        self.warmup = warm_up(self.editor.pipe, config)  # before __init__ returns: Serve routes nothing here yet
+        self.warmup = self.warm_up()  # before __init__ returns: Serve routes nothing here yet
         self.warmup["compile_cache"] = compile_cache_state(cache, loaded, config.lora_storage_options)
+
+    def warm_up(self) -> dict:
+        """warm_up; with `warmup_lora`, once with that adapter active and once with it off (the base behind LoRA
+        layers: a graph of its own once any adapter has been loaded)."""
+        if not self.config.warmup_lora:
+            return warm_up(self.editor.pipe, self.config)
+        url, version = find_lora(self.config.lora_root, self.config.warmup_lora, self.config.lora_storage_options)
+        self.use_adapter(LoadedAdapter(f"{url}#{version}", self.read_adapter(url)), 1.0)
+        with_lora = warm_up(self.editor.pipe, self.config)
+        self.use_adapter(None, 1.0)
+        base = warm_up(self.editor.pipe, self.config)
+        return {**base, "lora": self.config.warmup_lora, "seconds": round(with_lora["seconds"] + base["seconds"], 2)}
 
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args)
@@ -151,28 +163,39 @@ class EditModel:
     async def _load(self, key: str) -> LoadedAdapter:
         """`key`: EditJob.adapter_key (the URL and the file's version: a replaced file loads as a new adapter, and
         the old one leaves the cache as the least recently used)."""
-        name = await asyncio.wrap_future(self.submit(self.load_adapter, key.rsplit("#", 1)[0]))
-        return LoadedAdapter(self, name)
+        weights = await asyncio.wrap_future(self.submit(self.read_adapter, key.rsplit("#", 1)[0]))
+        return LoadedAdapter(key, weights)
 
-    def load_adapter(self, url: str) -> str:
-        """Load into a free slot (`slot0` .. `slot<max_loras_per_replica - 1>`; Serve unloads the least recently used
-        adapter first, on this same thread) -> the slot. Fixed names: the compiled DiT guards on adapter names, so a
-        name per adapter recompiled the blocks for every new adapter (16 s on an H200, and past the recompile limit
-        the blocks ran uncompiled); a slot compiles once, and adapters of one rank and targets reuse it."""
-        slot = next(f"slot{i}" for i in range(self.config.max_loras_per_replica) if f"slot{i}" not in self.editor.loras)
+    def read_adapter(self, url: str) -> LoraWeights:
+        """The adapter file, checked against the DiT, its tensors on the DiT's device in its dtype."""
         transformer = self.editor.pipe.transformer
-        try:
-            load_lora(transformer, local_copy(url, self.config.lora_storage_options), slot)
-        except Exception:
-            if slot in getattr(transformer, "peft_config", {}):  # half loaded: leave the slot empty for the next
-                transformer.delete_adapters(slot)
-            raise
-        self.editor.loras[slot] = url
-        return slot
+        weights = read_checked_lora(transformer, local_copy(url, self.config.lora_storage_options))
+        state = {k: v.to(transformer.device, transformer.dtype) for k, v in weights.state.items()}
+        return dataclasses.replace(weights, state=state)
 
-    def unload_adapter(self, name: str) -> None:
-        self.editor.pipe.transformer.delete_adapters(name)
-        self.editor.loras.pop(name, None)
+    def use_adapter(self, adapter: LoadedAdapter | None, scale: float) -> None:
+        """Make `adapter` (None: the base) the DiT's active adapter at `scale`, on the model's thread.
+
+        Every adapter goes in under one peft name (ACTIVE_ADAPTER): a compiled DiT guards on adapter names, so a
+        name per adapter compiled both block graphs again for each new adapter (16 s on an H200, and past the
+        recompile limit the blocks would run uncompiled). Under one name, an adapter of the same ranks and targets
+        as the one before replaces it without compiling (held scales: no strength does either)."""
+        if adapter is None:
+            self.editor.use_loras({})
+            return
+        if self.active is not adapter:
+            transformer = self.editor.pipe.transformer
+            if self.editor.loras.pop(ACTIVE_ADAPTER, None) is not None:
+                transformer.delete_adapters(ACTIVE_ADAPTER)
+            self.active = None
+            try:
+                add_lora_weights(transformer, adapter.weights, ACTIVE_ADAPTER)
+            except Exception:
+                if ACTIVE_ADAPTER in getattr(transformer, "peft_config", {}):  # half made: the next one starts clean
+                    transformer.delete_adapters(ACTIVE_ADAPTER)
+                raise
+            self.editor.loras[ACTIVE_ADAPTER], self.active = adapter.key, adapter
+        self.editor.use_loras({ACTIVE_ADAPTER: scale})
 
     async def edit(self, job: EditJob) -> EditResult:
         arrived = time.perf_counter()
@@ -196,7 +219,7 @@ class EditModel:
         return [EditResult(png, len(jobs), seconds, dict(timing)) for png in pngs]
 
     def edit_group(self, adapter: LoadedAdapter | None, jobs: list[EditJob]) -> list[Image.Image]:
-        self.editor.use_loras({adapter.name: jobs[0].lora_scale} if adapter else {})
+        self.use_adapter(adapter, jobs[0].lora_scale)
         ids = [j.request_id for j in jobs if j.request_id]
         report = None  # fire and forget: a step never waits for the board
         if ids and self.progress is not None:
@@ -215,7 +238,7 @@ class EditModel:
     def info(self) -> dict:
         pipe = self.editor.pipe
         return {"model": self.config.model, "device": str(pipe.device), "dtype": str(pipe.transformer.dtype),
-                "loaded_loras": len(self.editor.loras), "warmup": self.warmup}
+                "active_lora": self.active.key if self.active else None, "warmup": self.warmup}
 
 
 def compile_cache_state(url: str | None, loaded: bool, options: dict) -> str:

@@ -34,8 +34,9 @@ def server(ray_local, tiny, tiny_loras):
     config = ServeConfig(model=str(tiny.model), lora_root=str(tiny_loras), api_token=TOKEN, default_steps=2,
                          default_area=64 * 64, max_steps=8, max_side=256, max_upload_bytes=1_000_000,
                          max_input_pixels=1_000_000, max_batch_size=4, batch_wait_timeout_s=0.3,
-                         max_loras_per_replica=1,  # one slot: switching adapters evicts and reloads
+                         max_loras_per_replica=1,  # one kept: switching adapters evicts and reads the file again
                          warmup_sizes=["64x48"],  # asked for: a CPU replica warms nothing by default
+                         warmup_lora="style0",  # and warms with style0 on, then off
                          max_queued_requests=8,  # with the replica's 8: 16 edits at once fit, more get 503
                          upload_timeout_s=5)  # a body still arriving after 5 s: 408
     port = free_port()
@@ -69,7 +70,7 @@ def test_loras_per_request(server, tiny):
     assert base.shape == (48, 64, 3)
     for a, b in ((base, style0), (base, style1), (style0, style1)):
         assert np.abs(a - b).max() > 10
-    again = pixels(post_edit(server, source, lora="style0"))  # style1 evicted style0 from the one slot
+    again = pixels(post_edit(server, source, lora="style0"))  # style1 evicted style0 (one kept)
     assert np.abs(again - style0).max() <= 1
     # the official trainer's checkpoint layout (PEFT folder; alpha from adapter_config.json): same strength as style0
     assert np.abs(pixels(post_edit(server, source, lora="official")) - style0).max() <= 1
@@ -284,6 +285,7 @@ def test_health_loras_and_docs(server, tiny):
     # the replica edited the size asked for at batches of 1 and 4 before it took a request
     warmup = health["warmup"]
     assert warmup["sizes"] == ["64x48"] and warmup["batch_sizes"] == [1, 4] and warmup["seconds"] > 0, warmup
+    assert warmup["lora"] == "style0"
     assert requests.get(f"{server}/v1/loras", timeout=30).status_code == 401
     loras = requests.get(f"{server}/v1/loras", headers=AUTH, timeout=30).json()["loras"]
     assert [entry["id"] for entry in loras] == ["lokr", "misfit", "official", "style0", "style1"]
