@@ -122,10 +122,10 @@ def test_a_loaded_lora_holds_the_files_weights_where_the_base_is(tiny, tiny_lora
         assert torch.equal(loaded, tensor.to(torch.bfloat16)), key
 
 
-def test_lora_strengths_and_adapters_in_one_slot_switch_without_recompiling(tiny, tiny_loras):
+def test_lora_strengths_and_adapters_under_one_name_switch_without_recompiling(tiny, tiny_loras):
     """Editor.use_loras (held 0-dim scale tensors) computes what diffusers' set_adapters(names, weights) computes,
     bit for bit; with the DiT's blocks compiled as serving compiles them, a new strength or another adapter loaded
-    into the same slot name compiles nothing new (each used to compile both block graphs again)."""
+    under the same adapter name (as serving loads every adapter) compiles nothing new (each used to compile both block graphs again)."""
     from diffusers import LongCatImageEditPipeline
     from torch._dynamo.utils import counters
 
@@ -138,26 +138,26 @@ def test_lora_strengths_and_adapters_in_one_slot_switch_without_recompiling(tiny
     pipe = LongCatImageEditPipeline.from_pretrained(tiny.model)
     editor = Editor(pipe)
     velocity = lambda: predict_velocity(pipe.transformer, noisy, ref, text, txt_ids, img_ids, torch.tensor([0.7]))  # noqa: E731
-    editor.add_lora(str(tiny_loras / "style0"), "slot0")
+    editor.add_lora(str(tiny_loras / "style0"), "active")
     with torch.no_grad():
-        pipe.transformer.set_adapters(["slot0"], [0.7])  # diffusers' path: Python floats
+        pipe.transformer.set_adapters(["active"], [0.7])  # diffusers' path: Python floats
         expected = velocity()
-        editor.use_loras({"slot0": 0.7})
+        editor.use_loras({"active": 0.7})
         assert torch.equal(velocity(), expected)
 
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
         compiled = velocity()  # compiles at strength 0.7
         assert torch.allclose(compiled, expected, atol=1e-5)
         graphs = counters["stats"]["unique_graphs"]
-        editor.use_loras({"slot0": 0.3})
+        editor.use_loras({"active": 0.3})
         weaker = velocity()
-        pipe.transformer.delete_adapters("slot0")
-        editor.loras.pop("slot0")
-        editor.add_lora(str(tiny_loras / "style1.safetensors"), "slot0")
-        editor.use_loras({"slot0": 1.2})
+        pipe.transformer.delete_adapters("active")
+        editor.loras.pop("active")
+        editor.add_lora(str(tiny_loras / "style1.safetensors"), "active")
+        editor.use_loras({"active": 1.2})
         other = velocity()
         assert counters["stats"]["unique_graphs"] == graphs
-        pipe.transformer.set_adapters(["slot0"], [1.2])  # the reference for style1 at 1.2, through diffusers (eager)
+        pipe.transformer.set_adapters(["active"], [1.2])  # the reference for style1 at 1.2, through diffusers (eager)
         torch._dynamo.reset()
     assert not torch.allclose(weaker, compiled, atol=1e-3) and not torch.allclose(other, compiled, atol=1e-3)
     with torch.no_grad():

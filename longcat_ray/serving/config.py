@@ -79,8 +79,8 @@ class ServeConfig(Section):
     warmup_lora: str | None = None
     """An adapter id under `lora_root` that the warm-up also edits with (and then without, the base behind LoRA
     layers), so that with `compile` the first request for any adapter of its ranks and targets does not wait for a
-    compile (the first adapter on a replica compiled for 14 s, and the base after it for 4 s, H200 768²). Doubles
-    the warm-up's edits."""
+    compile (without it the first adapter on a replica compiled for 14 s, and the base after it for 4 s, H200 768²;
+    with it, not yet measured on a GPU). Doubles the warm-up's edits."""
     api_token: str | None = None
     """Bearer token for /v1/*; None reads the LONGCAT_RAY_API_TOKEN environment variable; unset = no auth."""
 
