@@ -125,7 +125,8 @@ def test_a_loaded_lora_holds_the_files_weights_where_the_base_is(tiny, tiny_lora
 def test_lora_strengths_and_adapters_under_one_name_switch_without_recompiling(tiny, tiny_loras):
     """Editor.use_loras (held 0-dim scale tensors) computes what diffusers' set_adapters(names, weights) computes,
     bit for bit; with the DiT's blocks compiled as serving compiles them, a new strength or another adapter loaded
-    under the same adapter name (as serving loads every adapter) compiles nothing new (each used to compile both block graphs again)."""
+    under the same adapter name (as serving loads every adapter) compiles nothing new (each used to compile both
+    block graphs again)."""
     from diffusers import LongCatImageEditPipeline
     from torch._dynamo.utils import counters
 
