@@ -449,6 +449,26 @@ def entry_tensor(kind: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 # ---- stage 3 (CPU tasks): write --------------------------------------------------------------------
 
 
+WRITE_FAILED = "cache storage failed writing"
+
+
+class CacheStorageFailed(RuntimeError):
+    """An entry or the manifest could not be written: the storage stopped answering, refused, or is full."""
+
+    def __init__(self, failure: str):
+        super().__init__(
+            f"{failure}. Entries written before it are whole and kept (an S3 upload lands whole or not at all; local "
+            "files are renamed into place), and no manifest was written, so no training reads a half-built cache. "
+            "Fix: once the storage answers again (endpoint, credentials, network, free disk space), run the same "
+            "command: it encodes only what is missing.")
+
+
+def write_failure(err: Exception) -> CacheStorageFailed | None:
+    """A failed Ray Data run whose text carries write_batch's line -> the error to raise, else None."""
+    line = next((line.strip() for line in str(err).splitlines() if WRITE_FAILED in line), None)
+    return CacheStorageFailed(line[line.index(WRITE_FAILED):][:600]) if line else None
+
+
 def write_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list]:
     """Stage 3: serialise and write each row's missing entries -> per-row byte counts."""
     out = []
@@ -457,7 +477,10 @@ def write_batch(batch: dict[str, np.ndarray], plan: CachePlan) -> dict[str, list
         for kind in missing:
             data = serialize_entry(load_safetensors(row[f"{kind}_tensors"]), row["sample_id"])
             fs, path = filesystem(urls[kind], entry_options(kind, row, plan))
-            write_bytes_atomic(fs, path, data)
+            try:
+                write_bytes_atomic(fs, path, data)
+            except Exception as err:  # noqa: BLE001 - whatever the storage raised: the line the driver reports
+                raise OSError(f"{WRITE_FAILED} {urls[kind]}: {type(err).__name__}: {err}") from err
             written += len(data)
         out.append(dict(sample_id=row["sample_id"], bytes_written=written, cache_bytes=written + int(row["valid_bytes"])))
     return columns(out)
@@ -585,7 +608,10 @@ def build_cache(config: Config, workers: int | None = None, progress: bool = Tru
     summary = cache_pairs(pairs, plan, workers or config.data.cache_workers, progress)
     summary.skipped, summary.manifest = [str(p) for p in problems], manifest_url(config)
     summary.files = count_fates(fates)
-    write_manifest(summary.manifest, plan.options["text"], manifest_rows(pairs, plan))
+    try:
+        write_manifest(summary.manifest, plan.options["text"], manifest_rows(pairs, plan))
+    except Exception as err:  # noqa: BLE001 - whatever the storage raised
+        raise CacheStorageFailed(f"{WRITE_FAILED} {summary.manifest}: {type(err).__name__}: {err}") from None
     return summary
 
 
@@ -600,9 +626,15 @@ def cache_pairs(pairs: list[dict[str, Any]], plan: CachePlan, workers: int | Non
     summary.reused, summary.encoded = len(checked) - len(todo), len(todo)
     summary.cache_bytes = sum(int(row["valid_bytes"]) for row in checked if not json.loads(row["missing"]))
     with tqdm(total=len(todo), desc="encoding", unit="pair", disable=not progress or not todo) as bar:
-        for batch in encode_dataset(todo, plan, workers).iter_batches(batch_size=None) if todo else []:
-            summary.bytes_written += int(sum(batch["bytes_written"]))
-            summary.cache_bytes += int(sum(batch["cache_bytes"]))
-            bar.update(len(batch["sample_id"]))
+        try:
+            for batch in encode_dataset(todo, plan, workers).iter_batches(batch_size=None) if todo else []:
+                summary.bytes_written += int(sum(batch["bytes_written"]))
+                summary.cache_bytes += int(sum(batch["cache_bytes"]))
+                bar.update(len(batch["sample_id"]))
+        except Exception as err:
+            failure = write_failure(err)
+            if failure is None:
+                raise
+            raise failure from None  # one message instead of Ray Data's traceback of the task
     summary.seconds = time.time() - start
     return summary

@@ -9,7 +9,7 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_CLUSTER = 3  # no cluster at the address, or it cannot hold the run (training.ClusterTooSmall)
-EXIT_STORAGE = 4  # output_dir's storage failed during training (training.StorageFailed)
+EXIT_STORAGE = 4  # output_dir's or the cache's storage failed (training.StorageFailed, cache.CacheStorageFailed)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -77,7 +77,7 @@ def join_ray(address: str | None) -> bool:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from longcat_ray.cache import build_cache
+    from longcat_ray.cache import CacheStorageFailed, build_cache
     from longcat_ray.pairs import DatasetError
 
     config = load_or_report(args.config)
@@ -91,6 +91,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         summary = build_cache(config, workers=args.workers)
     except DatasetError as err:
         return report_dataset_error(err)
+    except CacheStorageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STORAGE
     for skipped in summary.skipped:
         print(f"skipped: {skipped}", file=sys.stderr)
     print(summary)

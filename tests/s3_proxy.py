@@ -11,6 +11,7 @@ class CuttableProxy:
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.listener = None
+        self.puts, self.cut_at = 0, None
         self.restore()
 
     def restore(self) -> None:
@@ -31,13 +32,28 @@ class CuttableProxy:
             upstream = socket.create_connection(self.target)
             with self.lock:
                 self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def pipe(source, sink) -> None:
+    def cut_at_put(self, number: int) -> None:
+        """Cut everything as the `number`-th PUT request (counted from now) arrives: it never reaches S3."""
+        self.puts, self.cut_at = 0, number
+
+    def cuts_here(self, data: bytes) -> bool:
+        if not (self.cut_at and data.startswith(b"PUT ")):
+            return False
+        self.puts += 1
+        if self.puts < self.cut_at:
+            return False
+        self.cut_at = None
+        self.cut()
+        return True
+
+    def pipe(self, source, sink, to_s3: bool = False) -> None:
         try:
             while data := source.recv(65536):
+                if to_s3 and self.cuts_here(data):
+                    return
                 sink.sendall(data)
         except OSError:
             pass

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from longcat_ray.buckets import fit_to_bucket
-from longcat_ray.cache import build_cache, load_entry, make_plan, read_manifest
+from longcat_ray.cache import build_cache, load_entry, make_plan, manifest_url, read_manifest
 from longcat_ray.config import load_config
 from longcat_ray.model.latents import encode_latents, image_to_tensor
 from longcat_ray.model.prompt import MAX_INSTRUCTION_TOKENS, encode_prompts, pipeline_prompt_encoder, vl_image
@@ -141,24 +141,45 @@ def test_cache_reader_shards(ray_local, data):
     assert sorted(seen) == sorted(m["sample_id"] for m in manifest)
 
 
-def test_cache_on_s3(ray_local, data, s3_endpoint):
-    """Images and every cache dir on s3:// (SimpleTuner's aws dataset keys) against a loopback S3 API."""
+def test_cache_on_s3_and_the_storage_going_away_mid_write(ray_local, data, s3_endpoint):
+    """Images and every cache dir on s3:// (SimpleTuner's aws dataset keys) against a loopback S3 API, behind a
+    proxy that cuts the storage as the third entry is uploaded: the build stops with one message naming the
+    entry's URL and what to do, no manifest is written (no training starts on a half-built cache), and the entries
+    uploaded before the cut are whole (an S3 PUT lands whole or not at all). With the storage back the same build
+    encodes only what is missing, keeps those entries, and then reuses and invalidates as on a local disk."""
     import s3fs
+
+    from longcat_ray.cache import CacheStorageFailed
+    from tests.s3_proxy import CuttableProxy
 
     root, raw, backend = data
     bucket = f"lcr-{os.getpid()}-{id(data) % 10000}"
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)  # the test's own view, never cut
     fs.mkdir(bucket)
     fs.put(str(root / "data") + "/", f"{bucket}/data/", recursive=True)
-    aws = {"type": "aws", "aws_bucket_name": bucket, "aws_endpoint_url": s3_endpoint, "aws_region_name": "us-east-1"}
+    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    aws = {"type": "aws", "aws_bucket_name": bucket, "aws_endpoint_url": f"http://127.0.0.1:{proxy.port}",
+           "aws_region_name": "us-east-1"}
     backend[0].update(aws, aws_data_prefix="data/edits", cache_dir_vae=f"s3://{bucket}/cache/vae/edit")
     backend[1].update(aws, aws_data_prefix="data/refs", cache_dir_vae=f"s3://{bucket}/cache/vae/ref")
     backend[2].update(aws, cache_dir=f"s3://{bucket}/cache/text")
     for entry in backend[:2]:
         entry.pop("instance_data_dir")
     config = save(root, raw, backend)
+    proxy.cut_at_put(3)
+    with pytest.raises(CacheStorageFailed) as failed:
+        build_cache(config, progress=False)
+    message = str(failed.value)
+    assert f"s3://{bucket}/cache/" in message and "run the same command" in message, message
+    assert not fs.exists(manifest_url(config).removeprefix("s3://"))
+    written = {key: fs.info(key)["ETag"] for key in fs.find(f"{bucket}/cache") if key.endswith(".safetensors")}
+    assert 0 < len(written) < 8, written  # some landed before the cut (PUTs are counted from the bytes: roughly)
+
+    proxy.restore()
     first = build_cache(config, progress=False)
-    assert (first.encoded, first.reused) == (8, 0) and first.manifest.startswith("s3://")
+    assert first.encoded + first.reused == 8 and first.encoded >= 7 and first.manifest.startswith("s3://")
+    fs.invalidate_cache()
+    assert {key: fs.info(key)["ETag"] for key in written} == written  # checked whole and kept, not written again
     assert len(fs.ls(f"{bucket}/cache/vae/edit")) == 8 and len(fs.ls(f"{bucket}/cache/vae/ref")) == 8
     with fs.open(f"{bucket}/data/edits/pair_0002.png", "wb") as handle:
         Image.new("RGB", (160, 160), "green").save(handle, "PNG")
@@ -169,3 +190,4 @@ def test_cache_on_s3(ray_local, data, s3_endpoint):
     plan = plan_epoch(read_manifest(config), 4, 1, seed=0, epoch=0)[0]
     rows = list(shard_dataset(plan, make_plan(config).options).iter_rows())
     assert sum(len(json.loads(r["sample_ids"])) for r in rows) == 8
+
