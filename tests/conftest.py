@@ -133,3 +133,37 @@ def official_like(peft_folder, out) -> None:
     (out / "adapter_config.json").write_text(json.dumps(config))
     state = load_file(peft_folder / "adapter_model.safetensors")
     save_file({k: v / 2 if ".lora_B." in k else v for k, v in state.items()}, out / "adapter_model.safetensors")
+
+
+STEPS = 24  # the tiny training runs' length (tests/test_training.py's reference)
+
+
+def tiny_config(tiny, out, **train):
+    """The tiny preset's config for a 24-step run into `out` (alpha 8: scale 2), `train` keys overriding."""
+    from longcat_ray.config import load_config
+
+    config, _ = load_config(tiny.config)
+    config.train.output_dir = str(out)
+    config.train.max_train_steps = STEPS
+    config.train.checkpointing_steps = 8
+    config.train.learning_rate = 1e-2
+    config.lora.alpha = 8.0  # scale 2: exports must carry alpha, not assume alpha == rank
+    config.validation.steps = 12
+    config.validation.num_inference_steps = 2
+    config.validation.num_pairs = 2
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+# The longest files first (several minutes each on 2 cores): with `make test`'s two workers, one file each at a time,
+# the short files fill in beside them instead of one long file starting last while the other worker idles.
+LONG_FILES = ("test_training.py", "test_runtime.py", "test_jobs.py", "test_training_storage.py", "serving/test_app.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        relative = item.path.relative_to(Path(__file__).parent).as_posix()
+        return LONG_FILES.index(relative) if relative in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests stay together and in order

@@ -35,6 +35,19 @@ def run(args: list[str], env: dict, timeout: float = 600) -> subprocess.Complete
     return result
 
 
+def processes_under(root: int, name: str) -> list[psutil.Process]:
+    """Descendants of process `root` whose command line contains `name` (a Ray worker's title): a test finds its own
+    Ray's workers, never those of a test running beside it (pytest-xdist)."""
+    found = []
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            if name in " ".join(process.cmdline()):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 def stop_cluster(temp_dir: Path) -> None:
     """Stop only this cluster's processes (`ray stop` would also stop the session's other local Ray)."""
     mine = []

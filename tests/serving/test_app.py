@@ -3,6 +3,7 @@ bad-input battery, concurrency and batching, the page in headless Chromium."""
 
 import base64
 import io
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -444,13 +445,9 @@ def test_a_replica_killed_mid_request_answers_503_and_is_replaced(server, tiny):
     import signal
     import time
 
-    import psutil
+    from tests.ray_cluster import processes_under
 
-    def replicas() -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"])
-                if "ServeReplica:longcat-ray:EditModel" in " ".join(p.info["cmdline"] or [])]
-
-    victim = replicas()
+    victim = processes_under(os.getpid(), "ServeReplica:longcat-ray:EditModel")  # this session's Ray only
     assert len(victim) == 1, victim
     source = png_bytes(reference_image(tiny, 2))
     with ThreadPoolExecutor(16) as pool:
@@ -469,4 +466,5 @@ def test_a_replica_killed_mid_request_answers_503_and_is_replaced(server, tiny):
             break
         time.sleep(2)
     assert answer.status_code == 200, answer.text
-    assert replicas() and replicas()[0].pid != victim[0].pid
+    replaced = processes_under(os.getpid(), "ServeReplica:longcat-ray:EditModel")
+    assert replaced and replaced[0].pid != victim[0].pid
