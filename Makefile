@@ -34,11 +34,8 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
-# Two pytest workers, a test file each at a time (module fixtures built once): the suite waits on Ray much of the
-# time, so two share 2 cores well. TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q
 
 test-fast: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -m "not slow"

@@ -155,15 +155,3 @@ def tiny_config(tiny, out, **train):
         setattr(config.train, key, value)
     return config
 
-
-# The longest files first (several minutes each on 2 cores): with `make test`'s two workers, one file each at a time,
-# the short files fill in beside them instead of one long file starting last while the other worker idles.
-LONG_FILES = ("test_training.py", "test_runtime.py", "test_jobs.py", "test_training_storage.py", "serving/test_app.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        relative = item.path.relative_to(Path(__file__).parent).as_posix()
-        return LONG_FILES.index(relative) if relative in LONG_FILES else len(LONG_FILES)
-
-    items.sort(key=rank)  # stable: each file's tests stay together and in order

@@ -37,7 +37,7 @@ def run(args: list[str], env: dict, timeout: float = 600) -> subprocess.Complete
 
 def processes_under(root: int, name: str) -> list[psutil.Process]:
     """Descendants of process `root` whose command line contains `name` (a Ray worker's title): a test finds its own
-    Ray's workers, never those of a test running beside it (pytest-xdist)."""
+    Ray's workers, never those of another Ray on the machine (a neighbour's test, a user's cluster)."""
     found = []
     for process in psutil.Process(root).children(recursive=True):
         try:

@@ -1,6 +1,5 @@
 """Training when output_dir's storage fails, on the tiny model: real Ray Train and DeepSpeed, moto's S3 server behind
-a proxy the test cuts, a small tmpfs the test fills. (Apart from tests/test_training.py so that pytest-xdist runs
-the two files side by side.)"""
+a proxy the test cuts, a small tmpfs the test fills. (They need none of tests/test_training.py's reference run.)"""
 
 import errno
 import os
