@@ -33,7 +33,7 @@ VARIANTS = {  # name -> (cfg_batch, cudnn attention, compile, quantize)
     "compiled": (True, True, True, "none"),
     "fp8": (True, True, False, "fp8"),
     "fp8_compiled": (True, True, True, "fp8"),
-    "fp8fast_compiled": (True, True, True, "fp8-fast-accum"),  # the same with the tensor cores' fast accumulation
+    "fp8fast_compiled": (True, True, True, "fp8-fast"),  # the same with the tensor cores' fast accumulation
     # what `quantize: fp8` ran before: torchao's dynamic per-row float8 (kept here only to compare with)
     "fp8ao_compiled": (True, True, True, "fp8-torchao"),
 }
@@ -97,15 +97,10 @@ def torchao_fp8(transformer) -> None:
 def apply_levers(pipe, quantize: str, compile: bool) -> None:
     """speed_up, or the torchao comparison row's quantization followed by speed_up's compile (GPU only, as
     speed_up)."""
-    from longcat_ray.model.fp8 import Float8RowwiseLinear
-
-    if quantize != "none":  # a compile-only call after quantizing keeps the accumulation the layers were made with
-        Float8RowwiseLinear.FAST_ACCUM = quantize == "fp8-fast-accum"
     if quantize == "fp8-torchao":
         if torch.cuda.is_available():
             torchao_fp8(pipe.transformer)
         quantize = "none"
-    quantize = "fp8" if quantize == "fp8-fast-accum" else quantize
     speed_up(pipe, quantize, compile)
 
 

@@ -324,14 +324,22 @@ def quantize_dit(transformer, quantize: str) -> None:
     linears in int8. Approximates bf16. LoRAs load onto the converted layers as onto any Linear. `fp8-fast`: the
     same with the tensor cores' fast fp8 accumulation (torchao's inference default; less exact)."""
     if quantize in ("fp8", "fp8-fast"):
-        from longcat_ray.model.fp8 import Float8RowwiseLinear, convert_base
+        from longcat_ray.model.fp8 import convert_base
 
         convert_base(transformer.requires_grad_(False), min_features=transformer.inner_dim, inference=True)
-        for module in transformer.modules():
-            if isinstance(module, Float8RowwiseLinear):
-                module.FAST_ACCUM = quantize == "fp8-fast"
+        set_fast_accum(transformer, quantize == "fp8-fast")
     elif quantize != "none":
         raise ValueError(f"quantize must be none, fp8 or fp8-fast, got {quantize!r}")
+
+
+def set_fast_accum(transformer, on: bool) -> None:
+    """The fp8 DiT's matmuls with the tensor cores' fast accumulation or the exact one (per converted layer; a
+    compiled DiT recompiles)."""
+    from longcat_ray.model.fp8 import Float8RowwiseLinear
+
+    for module in transformer.modules():
+        if isinstance(module, Float8RowwiseLinear):
+            module.FAST_ACCUM = on
 
 
 def apply_offload(pipe, offload: str) -> None:

@@ -78,10 +78,15 @@ class EditJob:
 class EditResult:
     png: bytes
     batch_size: int
-    seconds: float
-    """Model time of the batch this request was in (conditioning, denoising, decoding)."""
-    timing: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Milliseconds per stage of this request's way through the server (the `Server-Timing` header)."""
+    started: float
+    """When its batch went to the model (the replica's perf_counter): the request's wait ends there."""
+    timing: dict[str, float]
+    """Milliseconds per stage of this request's way through the server (the `Server-Timing` header); "model" is
+    the model time of the batch it was in (conditioning, denoising, decoding)."""
+
+    @property
+    def seconds(self) -> float:
+        return self.timing["model"] / 1000
 
     def server_timing(self) -> str:
         """`Server-Timing` (W3C): browsers' network panels and clients show where the server's time went."""
@@ -184,24 +189,26 @@ class EditModel:
             self.editor.use_loras({})
             return
         if self.active is not adapter:
-            transformer = self.editor.pipe.transformer
-            if self.editor.loras.pop(ACTIVE_ADAPTER, None) is not None:
-                transformer.delete_adapters(ACTIVE_ADAPTER)
-            self.active = None
+            self.drop_active()
             try:
-                add_lora_weights(transformer, adapter.weights, ACTIVE_ADAPTER)
+                add_lora_weights(self.editor.pipe.transformer, adapter.weights, ACTIVE_ADAPTER)
             except Exception:
-                if ACTIVE_ADAPTER in getattr(transformer, "peft_config", {}):  # half made: the next one starts clean
-                    transformer.delete_adapters(ACTIVE_ADAPTER)
+                self.drop_active()  # half made: the next one starts clean
                 raise
             self.editor.loras[ACTIVE_ADAPTER], self.active = adapter.key, adapter
         self.editor.use_loras({ACTIVE_ADAPTER: scale})
 
+    def drop_active(self) -> None:
+        """The DiT's adapter, whole or half made, deleted."""
+        transformer, self.active = self.editor.pipe.transformer, None
+        self.editor.loras.pop(ACTIVE_ADAPTER, None)
+        if ACTIVE_ADAPTER in getattr(transformer, "peft_config", {}):
+            transformer.delete_adapters(ACTIVE_ADAPTER)
+
     async def edit(self, job: EditJob) -> EditResult:
         arrived = time.perf_counter()
         result = await self.queue.submit(job)
-        started = result.timing.pop("started")
-        result.timing = {"wait": 1000 * (started - arrived), **result.timing}
+        result.timing = {"wait": 1000 * (result.started - arrived), **result.timing}  # the adapter's load included
         return result
 
     async def run_group(self, jobs: list[EditJob]) -> list[EditResult]:
@@ -215,8 +222,8 @@ class EditModel:
             raise
         seconds = time.perf_counter() - start
         pngs = await asyncio.gather(*(asyncio.to_thread(to_png, image) for image in images))  # off the event loop
-        timing = {"started": start, "model": 1000 * seconds, "png": 1000 * (time.perf_counter() - start - seconds)}
-        return [EditResult(png, len(jobs), seconds, dict(timing)) for png in pngs]
+        timing = {"model": 1000 * seconds, "png": 1000 * (time.perf_counter() - start - seconds)}
+        return [EditResult(png, len(jobs), start, dict(timing)) for png in pngs]
 
     def edit_group(self, adapter: LoadedAdapter | None, jobs: list[EditJob]) -> list[Image.Image]:
         self.use_adapter(adapter, jobs[0].lora_scale)
