@@ -75,6 +75,25 @@ def plan_epoch(
     return [batches[rank::world_size] for rank in range(world_size)]
 
 
+SEGMENT = 4096
+"""Micro-steps one reader pipeline serves: each rank reads through one Ray Data dataset (streaming: with one encoder
+actor, which loads the encoders once) per SEGMENT micro-steps, across epochs. (One per epoch stalled the device at
+every epoch's end, and a streamed run reloaded its encoders each epoch: every few steps on a small dataset.)"""
+
+
+def planned_batches(samples: list[dict[str, Any]], batch_size: int, world_size: int, seed: int, rank: int,
+                    start: int, stop: int) -> list[list[dict[str, Any]]]:
+    """`rank`'s batches for micro-steps `start`..`stop - 1`, epoch after epoch: epoch e is micro-steps e*n..(e+1)*n - 1,
+    n the length of a rank's epoch (the same every epoch: an edit's references share its bucket). A resumed run
+    asks from its checkpoint's micro-step on and gets exactly the batches it had not trained."""
+    per_epoch = len(plan_epoch(samples, batch_size, world_size, seed, 0)[rank])
+    batches = []
+    for epoch in range(start // per_epoch, -(-stop // per_epoch)):
+        first = epoch * per_epoch  # the epoch's first micro-step
+        batches += plan_epoch(samples, batch_size, world_size, seed, epoch)[rank][max(start - first, 0) : stop - first]
+    return batches
+
+
 def load_batch(row: dict[str, Any], options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A planned batch (sample ids + entry URLs) -> stacked arrays per kind."""
     members = json.loads(row["members"])
@@ -101,11 +120,11 @@ def kind_options_key(kind: str, member: dict[str, Any]) -> str:
 READER_CPUS = 1
 
 
-def shard_dataset(batches: list[list[dict[str, Any]]], options: dict[str, dict[str, Any]], start: int = 0):
-    """A rank's planned batches from index `start` on, as a Ray Data dataset of stacked batches, in order."""
+def shard_dataset(batches: list[list[dict[str, Any]]], options: dict[str, dict[str, Any]]):
+    """A rank's planned batches as a Ray Data dataset of stacked batches, in order."""
     import ray
 
-    rows = [{"index": i, "members": json.dumps(b)} for i, b in enumerate(batches) if i >= start]
+    rows = [{"index": i, "members": json.dumps(b)} for i, b in enumerate(batches)]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     return ray.data.from_items(rows).map(load_batch, fn_kwargs={"options": options}, num_cpus=READER_CPUS)
 
@@ -119,14 +138,14 @@ def batch_tensors(row: dict[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
-def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder_gpus: float, start: int = 0):
-    """Streaming mode: a rank's planned batches from `start` on, encoded as they are needed and never written.
-    CPU tasks decode and fit the images; the rank's own encoder actor (the cache stage's) encodes them."""
+def stream_dataset(batches: list[list[dict[str, Any]]], plan: CachePlan, encoder_gpus: float):
+    """Streaming mode: a rank's planned batches, encoded as they are needed and never written. CPU tasks decode and
+    fit the images; the rank's own encoder actor (the cache stage's) encodes them."""
     import ray
 
     from longcat_ray.cache import encoded_rows
 
-    rows = [{**{k: m[k] for k in STREAM_KEYS}, "batch_index": i} for i, b in enumerate(batches) if i >= start for m in b]
+    rows = [{**{k: m[k] for k in STREAM_KEYS}, "batch_index": i} for i, b in enumerate(batches) for m in b]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     return encoded_rows(rows, plan, actors=1, gpus_per_actor=encoder_gpus)
 

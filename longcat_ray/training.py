@@ -498,10 +498,9 @@ class TrainingLoop:
     started: float = field(default_factory=time.perf_counter)
 
     def run(self) -> None:
-        from longcat_ray.reader import plan_epoch
+        from longcat_ray.reader import SEGMENT
 
         train = self.config.train
-        per_epoch = len(plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, 0)[self.rank])
         self.writer, self.window, self.last = self.open_logs(), Window(), {}
         self.profiler = StepProfiler(train.profile_steps if self.rank == 0 else None, self.device, self.log_dir())
         self.setup_s = time.perf_counter() - self.started
@@ -509,18 +508,19 @@ class TrainingLoop:
         if self.device.type == "cuda":  # peak_gib then tells what training holds, not the load before quantization
             self.setup_peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
+        end = train.max_train_steps * train.gradient_accumulation_steps  # micro-steps
         while self.state.step < train.max_train_steps:
-            epoch, index = divmod(self.state.micro_step, per_epoch)
-            self.run_epoch(epoch, index)
+            self.run_segment(self.state.micro_step, min(self.state.micro_step + SEGMENT, end))
         self.profiler.at_step(self.state.step)  # a profile that ends on the last step
         if self.state.step % train.checkpointing_steps:
             self.checkpoint(self.metrics())  # the final state is always a checkpoint
 
-    def run_epoch(self, epoch: int, start: int) -> None:
+    def run_segment(self, start: int, stop: int) -> None:
+        """Micro-steps `start`..`stop - 1` through one reader pipeline."""
         from longcat_ray.reader import prefetch, stall_report
 
-        train, first = self.config.train, self.state.micro_step
-        batches = (self.step_inputs(first + i, *batch) for i, batch in enumerate(self.epoch_batches(epoch, start)))
+        train = self.config.train
+        batches = (self.step_inputs(start + i, *batch) for i, batch in enumerate(self.read_batches(start, stop)))
         for sample_ids, inputs in prefetch(batches, depth=2, stall_timeout_s=train.stall_timeout_s, explain=stall_report):
             self.log_samples(sample_ids)
             self.profiler.at_step(self.state.step)
@@ -530,17 +530,17 @@ class TrainingLoop:
                 if self.state.step >= train.max_train_steps:
                     break
 
-    def epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """This rank's planned batches of `epoch` from `start` on: read from the cache, or encoded on the fly."""
-        from longcat_ray.reader import batch_tensors, group_encoded, plan_epoch, shard_dataset, stream_dataset
+    def read_batches(self, start: int, stop: int) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """This rank's planned batches of micro-steps `start`..`stop - 1`: read from the cache, or encoded on the fly."""
+        from longcat_ray.reader import batch_tensors, group_encoded, planned_batches, shard_dataset, stream_dataset
 
         train, data = self.config.train, self.config.data
-        batches = plan_epoch(self.manifest, train.train_batch_size, self.world, train.seed, epoch)[self.rank]
+        batches = planned_batches(self.manifest, train.train_batch_size, self.world, train.seed, self.rank, start, stop)
         if data.cache_streaming:
             gpus = data.stream_encoder_gpus if torch.cuda.is_available() else 0
-            yield from group_encoded(stream_dataset(batches, self.plan, gpus, start).iter_rows())
+            yield from group_encoded(stream_dataset(batches, self.plan, gpus).iter_rows())
             return
-        for row in shard_dataset(batches, self.plan.options, start=start).iter_rows():
+        for row in shard_dataset(batches, self.plan.options).iter_rows():
             yield json.loads(row["sample_ids"]), batch_tensors(row)
 
     def step_inputs(self, micro_step: int, sample_ids: list[str], tensors: dict[str, torch.Tensor]):

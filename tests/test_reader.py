@@ -2,7 +2,7 @@
 
 import pytest
 
-from longcat_ray.reader import plan_epoch
+from longcat_ray.reader import plan_epoch, planned_batches
 
 
 def samples(n_by_bucket: dict, repeats: int = 0) -> list:
@@ -64,6 +64,16 @@ def test_a_group_of_one_plans_as_before():
     ids = lambda plan: [[[s["sample_id"] for s in b] for b in r] for r in plan]  # noqa: E731
     assert ids(plan_epoch(data, 2, 2, 5, 1)) == before
     assert ids(plan_epoch([{**s, "group": s["sample_id"]} for s in data], 2, 2, 5, 1)) == before
+
+
+@pytest.mark.parametrize("start,stop", [(0, 15), (4, 9), (5, 5), (7, 30)])
+def test_a_runs_batches_are_its_epochs_plans_one_after_another(start, stop):
+    """What one reader pipeline reads for micro-steps start..stop-1: epoch after epoch, each its own plan, from any
+    micro-step (a resumed run) on. (10 samples, batch 2, world 2: 3 batches a rank each epoch.)"""
+    data = samples({(128, 128): 6, (192, 128): 4})
+    for rank in (0, 1):
+        epochs = [b for epoch in range(11) for b in plan_epoch(data, 2, 2, 5, epoch)[rank]]
+        assert planned_batches(data, 2, 2, 5, rank, start, stop) == epochs[start:stop]
 
 
 def test_a_reader_that_yields_nothing_stops_the_wait_with_the_explanation():

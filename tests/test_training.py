@@ -118,16 +118,27 @@ def logged_losses(out) -> dict[int, float]:
     return {event.step: event.value for event in events.Scalars("train/loss")}
 
 
+def encoder_actors() -> int:
+    """CacheEncoder actors the session's Ray has started so far (dead ones too): each loads the encoders."""
+    from ray.util.state import list_actors
+
+    return sum("CacheEncoder" in actor.class_name for actor in list_actors(limit=10_000, raise_on_missing_output=False))
+
+
 def test_streamed_trains_as_the_cache(reference, tiny, tmp_path):
-    """8 steps streamed (encoded on the fly, only the validation pairs cached): the same samples, losses and LoRA as
-    the cached run at its step-8 checkpoint. (Resuming from a checkpoint is the worker+driver loss test's.)"""
+    """8 steps streamed (encoded on the fly, only the validation pairs cached, each rank's encoder loaded once): the
+    same samples, losses and LoRA as the cached run at its step-8 checkpoint. (Resuming from a checkpoint is the
+    worker+driver loss test's.)"""
     cached, _ = reference
     streamed = tiny_config(tiny, tmp_path, max_train_steps=8)
     streamed.data.cache_streaming = True
     streamed.data.text_cache_dir = str(tmp_path / "stream-cache" / "text")
     for dataset in streamed.data.datasets:
         dataset.cache_dir_vae = str(tmp_path / "stream-cache" / dataset.id)
+    encoders = encoder_actors()
     assert train(streamed, progress=False).steps == 8
+    # the validation pairs' cache stage's encoder, then one per rank for the whole run (8 steps are 2 epochs)
+    assert encoder_actors() - encoders == 1 + 2
     written = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "stream-cache").rglob("*.safetensors")}
     first_two = sorted(read_manifest(cached), key=lambda m: m["sample_id"])[:2]
     assert written == {m["sample_id"].replace("/", "__") for m in first_two}

@@ -49,7 +49,14 @@ def scale_to_float8(x: torch.Tensor, dtype: torch.dtype, rows: bool = False) -> 
 def scaled_matmul(a: torch.Tensor, a_inv: torch.Tensor, b_t: torch.Tensor, b_inv: torch.Tensor, out_dtype, bias=None,
                   fast_accum: bool = False):
     """[m, k] fp8 row-major @ [k, n] fp8 column-major -> [m, n] in out_dtype (+ bias, fused unless the output is
-    float32, which _scaled_mm cannot fuse it into)."""
+    float32, which _scaled_mm cannot fuse it into). Scales: per tensor ([] each) or per row ([m, 1] and [1, n]).
+
+    On a CPU, the fp8 values are multiplied as float32 (each is exact in float32, and so is each product): the same
+    sums as `_scaled_mm`'s in another order, ~1000x faster than its CPU kernel (a 1200x128 @ 128x512 product took
+    3.2 s against 2 ms on the 2-core test machine), so a CPU run of an fp8 path (tests, the demo) takes seconds."""
+    if a.device.type == "cpu":
+        out = (a.float() @ b_t.float()) * (a_inv * b_inv)  # [m, n] float32
+        return (out if bias is None else out + bias).to(out_dtype)
     fused = bias if out_dtype != torch.float32 else None
     out = torch._scaled_mm(a, b_t, scale_a=a_inv, scale_b=b_inv, bias=fused, out_dtype=out_dtype, use_fast_accum=fast_accum)
     return out if bias is None or fused is not None else out + bias

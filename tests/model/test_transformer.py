@@ -195,6 +195,28 @@ def test_rowwise_fp8_linear_rows_stand_alone(device, dtype, tokens, in_f, out_f)
         fp8(x.requires_grad_())
 
 
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_the_cpu_fp8_matmul_sums_what_scaled_mm_sums(rows, out_dtype):
+    """On a CPU, scaled_matmul multiplies the fp8 values in float32 instead of calling `_scaled_mm` (whose CPU kernel
+    is ~1000x slower): the same result as `_scaled_mm` but for the order of the sums (per-tensor and per-row scales,
+    bias, both output types)."""
+    from longcat_ray.model.fp8 import E4M3, scale_to_float8, scaled_matmul
+
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(48, 64) * 3, torch.randn(32, 64), torch.randn(32).to(out_dtype)
+    aq, a_inv = scale_to_float8(a, E4M3, rows=rows)  # [48, 64], [] or [48, 1]
+    bq, b_inv = scale_to_float8(b, E4M3, rows=rows)  # [32, 64], [] or [32, 1]
+    b_inv = b_inv.t().contiguous() if rows else b_inv  # [1, 32]
+    fused = bias if out_dtype != torch.float32 else None
+    theirs = torch._scaled_mm(aq, bq.t(), scale_a=a_inv, scale_b=b_inv, bias=fused, out_dtype=out_dtype)
+    theirs = theirs if fused is not None else theirs + bias
+    mine = scaled_matmul(aq, a_inv, bq.t(), b_inv, out_dtype, bias)
+    assert mine.dtype == out_dtype
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if out_dtype == torch.float32 else {"atol": 0.0, "rtol": 2 ** -7}
+    torch.testing.assert_close(mine, theirs, **tolerance)  # bf16: at most one rounding step apart
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_fp8_linear_on_gpu_at_dit_shapes():
     """A 3072 -> 12288 linear over 5318 tokens (text + image, not a multiple of 16): fp8 output and input
