@@ -135,11 +135,21 @@ def official_like(peft_folder, out) -> None:
     save_file({k: v / 2 if ".lora_B." in k else v for k, v in state.items()}, out / "adapter_model.safetensors")
 
 
-STEPS = 24  # the tiny training runs' length (tests/test_training.py's reference)
+STEPS = 64  # the tiny training runs' length (the `reference` run's): long enough for `ray job stop` to land mid-run
+
+
+@pytest.fixture(scope="session")
+def reference(tiny, ray_local, tmp_path_factory):
+    """The uninterrupted run the fault tests end equal to: the tiny config as it is (2 CPU workers, ZeRO-1, the
+    default), STEPS steps -> (config, TrainResult)."""
+    from longcat_ray.training import train
+
+    out = tmp_path_factory.mktemp("reference")
+    return tiny_config(tiny, out), train(tiny_config(tiny, out), progress=False)
 
 
 def tiny_config(tiny, out, **train):
-    """The tiny preset's config for a 24-step run into `out` (alpha 8: scale 2), `train` keys overriding."""
+    """The tiny preset's config for a STEPS-step run into `out` (alpha 8: scale 2), `train` keys overriding."""
     from longcat_ray.config import load_config
 
     config, _ = load_config(tiny.config)
@@ -148,7 +158,7 @@ def tiny_config(tiny, out, **train):
     config.train.checkpointing_steps = 8
     config.train.learning_rate = 1e-2
     config.lora.alpha = 8.0  # scale 2: exports must carry alpha, not assume alpha == rank
-    config.validation.steps = 12
+    config.validation.steps = STEPS // 2
     config.validation.num_inference_steps = 2
     config.validation.num_pairs = 2
     for key, value in train.items():

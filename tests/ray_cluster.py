@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,8 +47,34 @@ def processes_under(root: int, name: str) -> list[psutil.Process]:
     return found
 
 
+NODE_MARKER = "LCR_TEST_NODE"  # in the environment of a `local_cluster` node's `ray start`, so of all its processes
+
+
+def node_processes(marker: str) -> list[psutil.Process]:
+    """Every process of the node `marker` names (its raylet, log monitor, agents and workers)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(NODE_MARKER) == marker:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_node(marker: str) -> None:
+    """The node lost as a machine is lost: SIGKILL to every one of its processes at once, nothing shut down cleanly."""
+    processes = node_processes(marker)
+    assert processes, f"no process of node {marker}"
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=30)
+
+
 def stop_cluster(temp_dir: Path) -> None:
-    """Stop only this cluster's processes (`ray stop` would also stop the session's other local Ray)."""
+    """Stop only this cluster's processes (`ray stop` would also stop the session's other local Ray), at once: SIGKILL,
+    as `ray stop --force` does (a test cluster keeps nothing; on SIGTERM its GCS and raylets took over 15 s)."""
     mine = []
     for process in psutil.process_iter(["cmdline"]):
         try:
@@ -58,13 +83,9 @@ def stop_cluster(temp_dir: Path) -> None:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     for process in mine:
-        try:
-            process.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=15)
-    for process in alive:
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(mine, timeout=30)
 
 
 def fake_autoscaler(config: dict, gcs: int, v2: bool, root: Path) -> tuple[list[str], dict]:
@@ -117,11 +138,12 @@ def local_cluster(head_cpus: int, node_cpus: tuple[int, ...] = (), autoscaler: d
         run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
              "--num-cpus", str(head_cpus), "--temp-dir", str(temp_dir), *common, *head_args], {**env, **head_env})
-        for cpus in node_cpus:
+        markers = [f"{root.name}-node{index}" for index in range(len(node_cpus))]
+        for cpus, marker in zip(node_cpus, markers):  # every process of the node inherits its marker (kill_node)
             run([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", str(cpus),
-                 "--dashboard-agent-listen-port", str(free_port()), *common], env)
+                 "--dashboard-agent-listen-port", str(free_port()), *common], {**env, NODE_MARKER: marker})
         yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "address": f"http://127.0.0.1:{dashboard}",
-               "logs": temp_dir / "session_latest" / "logs"}
+               "logs": temp_dir / "session_latest" / "logs", "nodes": markers}
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(root, ignore_errors=True)

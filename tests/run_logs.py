@@ -36,3 +36,9 @@ def committed(out) -> int:
     """Checkpoints Ray Train's controller has recorded for the run (a worker's save counts once it is recorded:
     a worker lost before that rewinds to the checkpoint before)."""
     return len(recorded_under(out / "run"))
+
+
+def rewinds(out, rank: int = 0) -> int:
+    """How often the samples log of `rank` goes back to an earlier micro-step (a restart from a checkpoint)."""
+    steps = [line["micro_step"] for line in samples_log(out, rank)]
+    return sum(later <= earlier for earlier, later in zip(steps, steps[1:]))

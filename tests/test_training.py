@@ -20,14 +20,9 @@ from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
 from longcat_ray.training import train
 from tests.conftest import STEPS, reference_image, tiny_config
 from tests.ray_cluster import processes_under
-from tests.run_logs import committed, samples_log
+from tests.run_logs import committed, rewinds, samples_log
 
 pytestmark = pytest.mark.slow
-@pytest.fixture(scope="module")
-def reference(tiny, ray_local, tmp_path_factory):
-    """The tiny config as it is: 2 CPU workers, ZeRO-1 (the default)."""
-    out = tmp_path_factory.mktemp("reference")
-    return tiny_config(tiny, out), train(tiny_config(tiny, out), progress=False)
 
 
 def lora_transformer(tiny, out):
@@ -79,7 +74,7 @@ def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(reference, tiny_pip
     assert json.load(open(os.path.join(out, "longcat_ray.json")))["alpha"] == 8.0
     # in-training validation grids: 2 pairs x (reference | target | result)
     grids = sorted(glob.glob(os.path.join(out, "validation", "step_*.png")))
-    assert [os.path.basename(g) for g in grids] == ["step_000012.png", "step_000024.png"]
+    assert [os.path.basename(g) for g in grids] == [f"step_{STEPS // 2:06d}.png", f"step_{STEPS:06d}.png"]
 
     # the pipeline's output changes with the LoRA
     request = EditRequest(prompt="swap the red and blue colours", width=128, height=128, steps=2, guidance=4.5)
@@ -185,24 +180,21 @@ def test_speed_levers_train_the_same_model(reference, tiny, tmp_path):
 
 
 
-def rewinds(out, rank: int) -> int:
-    """How often the samples log of `rank` goes back to an earlier micro-step (a restart from a checkpoint)."""
-    steps = [line["micro_step"] for line in samples_log(out, rank)]
-    return sum(later <= earlier for earlier, later in zip(steps, steps[1:]))
+EVERY = 8  # the fault tests' checkpoint interval
 
 
 def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_happened(reference, tiny, tmp_path):
     """`longcat-ray train` (the CLI, in its own process and its own Ray): a training worker SIGKILLed after the
-    step-4 checkpoint (Ray Train replaces it and rewinds to that checkpoint), then the driver SIGKILLed after the
-    step-8 checkpoint (its Ray and workers die with it); the same command again resumes from step 8, not from
-    scratch. The run ends as the uninterrupted reference did: the same samples at every step (the last time each
+    step-8 checkpoint (Ray Train replaces it and rewinds to that checkpoint), then the driver SIGKILLed after the
+    step-16 checkpoint (its Ray and workers die with it); the same command again resumes from a checkpoint (step 16 or
+    later), not from scratch. The run ends as the uninterrupted reference did: the same samples at every step (the last time each
     step ran) and the same LoRA."""
     import subprocess
     import sys
 
     cached, _ = reference
     raw = json.loads(tiny.config.read_text())
-    raw.update({"--output_dir": str(tmp_path / "out"), "--max_train_steps": STEPS, "--checkpointing_steps": 4,
+    raw.update({"--output_dir": str(tmp_path / "out"), "--max_train_steps": STEPS, "--checkpointing_steps": EVERY,
                 "--lora_alpha": 8, "--validation_steps": 0, "--max_failures": 2})
     (tmp_path / "config.json").write_text(json.dumps(raw))
     command = [sys.executable, "-c", "import sys; from longcat_ray.cli import main; sys.exit(main())", "train",
@@ -218,9 +210,9 @@ def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_hap
         raise AssertionError(f"the run ended or stalled first (exit {driver.poll()})")
 
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: committed(out) >= 1)  # step 4's checkpoint
+    wait_for(lambda: committed(out) >= 1)  # step 8's checkpoint
     os.kill(processes_under(driver.pid, "RayTrainWorker")[-1].pid, signal.SIGKILL)
-    wait_for(lambda: committed(out) >= 2 and rewinds(out, 0) >= 1)  # replaced; step 8's checkpoint recorded
+    wait_for(lambda: committed(out) >= 2 and rewinds(out, 0) >= 1)  # replaced; step 16's checkpoint recorded
     workers = processes_under(driver.pid, "RayTrainWorker")  # before its death hands them to init
     driver.send_signal(signal.SIGKILL)  # at once: the rest of the run takes seconds
     driver.wait()
@@ -233,7 +225,7 @@ def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_hap
         assert steps.count(0) == 1 and rewinds(out, rank) >= 1  # the worker's restart, not from scratch
         assert len(steps) > len(first_run[rank]), "the second command trained no step (the driver died too late)"
         resumed_from = steps[len(first_run[rank])]  # the second command's first step: a recorded checkpoint's
-        assert resumed_from % 4 == 0 and 8 <= resumed_from <= max(first_run[rank]) + 1, (resumed_from, steps)
+        assert resumed_from % EVERY == 0 and 2 * EVERY <= resumed_from <= max(first_run[rank]) + 1, (resumed_from, steps)
         last_runs = {line["micro_step"]: line for line in samples_log(out, rank)}
         assert list(last_runs.values()) == samples_log(cached.train.output_dir, rank)
     final, straight = load_file(out / LORA_FILE), load_file(os.path.join(cached.train.output_dir, LORA_FILE))
