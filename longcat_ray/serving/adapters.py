@@ -46,8 +46,19 @@ def find_lora(root: str | None, lora_id: str, options: dict[str, Any]) -> tuple[
             except OSError:  # not there (FileNotFoundError) or unreadable: the next layout
                 continue
             if info.get("type") == "file":
+                if not inside_root(fs, path, join(path, name)):
+                    raise RequestError(403, "lora", f"adapter {lora_id!r} is a link that leads out of the adapter root: "
+                                                    "not served. Fix: copy the file into the root")
                 return join(root, name), file_version(info)
     raise RequestError(404, "lora", f"no adapter {lora_id!r} under the adapter root; GET /v1/loras lists them")
+
+
+def inside_root(fs, root: str, path: str) -> bool:
+    """Whether `path` under `root` stays inside it once symbolic links are followed (object stores have none)."""
+    if not is_local(fs):
+        return True
+    real_root = os.path.realpath(root)
+    return os.path.realpath(path).startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 def file_version(info: dict[str, Any]) -> str:
@@ -68,7 +79,8 @@ def list_loras(root: str | None, options: dict[str, Any]) -> list[dict[str, Any]
             found.setdefault(file.removesuffix(f"/{name}").rsplit("/", 1)[-1], file)
     for file in fs.glob(f"{path}/*.safetensors"):
         found.setdefault(file.removesuffix(".safetensors").rsplit("/", 1)[-1], file)
-    return [{"id": lora_id, "bytes": int(fs.size(file)), **describe(fs, file)}
+    return [{"id": lora_id, "bytes": int(fs.size(file)), **describe(fs, file)} if inside_root(fs, path, file)
+            else {"id": lora_id, "error": "a link that leads out of the adapter root: not served"}
             for lora_id, file in sorted(found.items()) if is_lora_id(lora_id)]
 
 

@@ -76,7 +76,8 @@ def test_uploads_are_decoded_as_training_decoded_its_images():
 
 
 @pytest.mark.parametrize("lora_id", ["../style0", "/etc/passwd", "s3://bucket/x", "http://evil/x.safetensors",
-                                     "style0/../../x", "a/b", "", ".hidden", "x" * 200])
+                                     "style0/../../x", "a/b", "", ".hidden", "x" * 200, "%2e%2e", "%2e%2e%2fstyle0",
+                                     "..%2fx"])
 def test_lora_ids_never_leave_the_root(lora_id):
     with pytest.raises(RequestError) as err:
         check_lora_id(lora_id)
@@ -95,6 +96,31 @@ def test_adapters_under_the_root(tiny_loras):
         with pytest.raises(RequestError) as err:
             find_lora(str(tiny_loras), missing, {})
         assert err.value.status == 404
+
+
+def test_links_out_of_the_root_are_not_served(tiny_loras, tmp_path):
+    """A file or folder under the root that is a symbolic link to somewhere outside it is refused (403) and listed
+    as such; a link that stays inside the root is served."""
+    import shutil
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tiny_loras / "style1.safetensors", outside / "secret.safetensors")
+    shutil.copytree(tiny_loras / "style0", outside / "folder")
+    root.mkdir()
+    shutil.copy(tiny_loras / "style1.safetensors", root / "kept.safetensors")
+    (root / "file-out.safetensors").symlink_to(outside / "secret.safetensors")
+    (root / "folder-out").symlink_to(outside / "folder")
+    (root / "file-in.safetensors").symlink_to(root / "kept.safetensors")
+    for lora_id in ("file-out", "folder-out"):
+        with pytest.raises(RequestError) as err:
+            find_lora(str(root), lora_id, {})
+        assert (err.value.status, err.value.field) == (403, "lora") and "leads out of the adapter root" in str(err.value)
+    assert find_lora(str(root), "file-in", {})[0].endswith("file-in.safetensors")
+    listed = {entry["id"]: entry for entry in list_loras(str(root), {})}
+    assert listed["file-out"]["error"] == "a link that leads out of the adapter root: not served"
+    assert "folder-out" not in listed  # the listing does not follow links to folders
+    assert "error" not in listed["file-in"] and "error" not in listed["kept"]
 
 
 @pytest.mark.parametrize("sizes,expected", [
