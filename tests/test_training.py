@@ -20,7 +20,7 @@ from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
 from longcat_ray.training import train
 from tests.conftest import STEPS, reference_image, tiny_config
 from tests.ray_cluster import processes_under
-from tests.run_logs import committed, rewinds, samples_log
+from tests.run_logs import committed, samples_log
 
 pytestmark = pytest.mark.slow
 
@@ -183,36 +183,27 @@ def test_speed_levers_train_the_same_model(reference, tiny, tmp_path):
 EVERY = 8  # the fault tests' checkpoint interval
 
 
-def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_happened(reference, tiny, tmp_path):
-    """`longcat-ray train` (the CLI, in its own process and its own Ray): a training worker SIGKILLed after the
-    step-8 checkpoint (Ray Train replaces it and rewinds to that checkpoint), then the driver SIGKILLed after the
-    step-16 checkpoint (its Ray and workers die with it); the same command again resumes from a checkpoint (step 16 or
-    later), not from scratch. The run ends as the uninterrupted reference did: the same samples at every step (the last time each
-    step ran) and the same LoRA."""
+def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run(reference, tiny, tmp_path):
+    """`longcat-ray train` (the CLI, in its own process and its own Ray) SIGKILLed after the step-8 checkpoint is
+    recorded (its Ray and workers die with it); the same command again resumes from a checkpoint, not from scratch, and
+    the run ends as the uninterrupted reference did: the same samples at every step (the last time each step ran) and
+    the same LoRA. (A worker lost mid-run, with its node: tests/test_node_loss.py.)"""
     import subprocess
     import sys
 
     cached, _ = reference
     raw = json.loads(tiny.config.read_text())
     raw.update({"--output_dir": str(tmp_path / "out"), "--max_train_steps": STEPS, "--checkpointing_steps": EVERY,
-                "--lora_alpha": 8, "--validation_steps": 0, "--max_failures": 2})
+                "--lora_alpha": 8, "--validation_steps": 0})
     (tmp_path / "config.json").write_text(json.dumps(raw))
     command = [sys.executable, "-c", "import sys; from longcat_ray.cli import main; sys.exit(main())", "train",
                "--config", str(tmp_path / "config.json")]
     out = tmp_path / "out"
-
-    def wait_for(ready) -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline and driver.poll() is None:
-            if ready():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"the run ended or stalled first (exit {driver.poll()})")
-
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: committed(out) >= 1)  # step 8's checkpoint
-    os.kill(processes_under(driver.pid, "RayTrainWorker")[-1].pid, signal.SIGKILL)
-    wait_for(lambda: committed(out) >= 2 and rewinds(out, 0) >= 1)  # replaced; step 16's checkpoint recorded
+    deadline = time.time() + 600
+    while committed(out) < 1:  # step 8's checkpoint
+        assert time.time() < deadline and driver.poll() is None, f"the run ended or stalled first (exit {driver.poll()})"
+        time.sleep(0.1)
     workers = processes_under(driver.pid, "RayTrainWorker")  # before its death hands them to init
     driver.send_signal(signal.SIGKILL)  # at once: the rest of the run takes seconds
     driver.wait()
@@ -222,10 +213,10 @@ def test_a_killed_worker_then_a_killed_driver_and_the_run_ends_as_if_neither_hap
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         steps = [line["micro_step"] for line in samples_log(out, rank)]
-        assert steps.count(0) == 1 and rewinds(out, rank) >= 1  # the worker's restart, not from scratch
+        assert steps.count(0) == 1, steps  # not from scratch
         assert len(steps) > len(first_run[rank]), "the second command trained no step (the driver died too late)"
         resumed_from = steps[len(first_run[rank])]  # the second command's first step: a recorded checkpoint's
-        assert resumed_from % EVERY == 0 and 2 * EVERY <= resumed_from <= max(first_run[rank]) + 1, (resumed_from, steps)
+        assert resumed_from % EVERY == 0 and EVERY <= resumed_from <= max(first_run[rank]) + 1, (resumed_from, steps)
         last_runs = {line["micro_step"]: line for line in samples_log(out, rank)}
         assert list(last_runs.values()) == samples_log(cached.train.output_dir, rank)
     final, straight = load_file(out / LORA_FILE), load_file(os.path.join(cached.train.output_dir, LORA_FILE))

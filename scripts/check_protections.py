@@ -1,0 +1,107 @@
+"""Removes each protection RELIABILITY.md relies on, one at a time, and runs the tests that show it: every one must fail.
+
+    .venv/bin/python scripts/check_protections.py            # all (about 15 minutes on 2 cores)
+    .venv/bin/python scripts/check_protections.py resume nan # by name; --list shows them
+
+Each protection is a textual change to one source file (the exact text replaced, so a refactor that moves the code
+makes the check stop with "text not found" instead of silently testing nothing), made in a throwaway git worktree of
+HEAD, never in this checkout. A protection whose tests still pass is reported and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Protection:
+    name: str
+    what: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+PROTECTIONS = [
+    Protection("resume", "a restarted worker group resumes from Ray Train's last checkpoint", "longcat_ray/training.py",
+               "    checkpoint = ray.train.get_checkpoint()\n", "    checkpoint = None\n",
+               ("tests/test_training.py::test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run",
+                "tests/test_node_loss.py::test_a_lost_node_then_a_stopped_job_and_the_run_ends_as_if_neither_happened")),
+    Protection("latest", "the same command again resumes the run named `run` (resume_from_checkpoint: latest)",
+               "longcat_ray/training.py", 'return "run" if config.train.resume_from_checkpoint == "latest" else',
+               'return "run" if False else',
+               ("tests/test_training.py::test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run",
+                "tests/test_node_loss.py::test_a_lost_node_then_a_stopped_job_and_the_run_ends_as_if_neither_happened")),
+    Protection("nan", "a non-finite loss stops the run", "longcat_ray/training.py",
+               "    if bad:\n        raise NonFiniteLoss(", "    if False:\n        raise NonFiniteLoss(",
+               ("tests/test_training.py::test_a_non_finite_loss_stops_the_run_naming_the_steps",)),
+    Protection("sendable", "worker errors Ray cannot pickle travel as text", "longcat_ray/training.py",
+               "    try:\n        cloudpickle.dumps(err)\n        return err\n",
+               "    try:\n        return err\n",
+               ("tests/test_training.py::test_a_worker_error_ray_cannot_pickle_reaches_the_driver_as_text",)),
+    Protection("fits", "a plan the cluster cannot hold is refused before anything starts", "longcat_ray/training.py",
+               "    if short:\n        raise ClusterTooSmall(", "    if False:\n        raise ClusterTooSmall(",
+               ("tests/test_training.py::test_the_plan_counts_each_readers_needs_and_refuses_what_cannot_run",)),
+    Protection("token", "a missing or wrong bearer token gets 401", "longcat_ray/serving/app.py",
+               "        if credentials is None or not secrets.compare_digest(",
+               "        if False and not secrets.compare_digest(",
+               ("tests/serving/test_app.py::test_bad_input_gets_4xx_naming_the_field",)),
+]
+
+
+def check(protection: Protection, worktree: Path) -> bool:
+    """True when every one of the tests fails (not errors) with the protection removed."""
+    path = worktree / protection.file
+    source = path.read_text()
+    if source.count(protection.old) != 1:
+        sys.exit(f"{protection.name}: the text to replace is not found exactly once in {protection.file}: update "
+                 "scripts/check_protections.py to the code as it is now")
+    path.write_text(source.replace(protection.old, protection.new))
+    try:
+        started = time.time()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *protection.tests],
+                              cwd=worktree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(worktree)})
+        last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+        failed = f"{len(protection.tests)} failed" in last and "passed" not in last and "error" not in last  # each test
+        print(f"{protection.name:10s} {'fails as it should' if failed else 'STILL PASSES'}  ({time.time() - started:.0f} s; "
+              f"{last})", flush=True)
+        return failed
+    finally:
+        path.write_text(source)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="protections to check (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the protections and their tests")
+    args = parser.parse_args()
+    chosen = [p for p in PROTECTIONS if not args.names or p.name in args.names]
+    unknown = set(args.names) - {p.name for p in PROTECTIONS}
+    if unknown:
+        parser.error(f"unknown protection(s) {sorted(unknown)}; --list shows them")
+    if args.list:
+        for p in chosen:
+            print(f"{p.name:10s} {p.what}\n{'':10s} {p.file}; tests: {', '.join(p.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="lcr-protections-") as folder:
+        worktree = Path(folder) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), "HEAD"], cwd=REPO, check=True)
+        try:
+            results = [check(p, worktree) for p in chosen]
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=True)
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
