@@ -32,16 +32,14 @@ class Protection:
     tests: tuple[str, ...]
 
 
+# the runs interrupted mid-way (driver killed; node lost then job stopped) that must end as the uninterrupted run
+INTERRUPTED = ("tests/test_training.py::test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run",
+               "tests/test_node_loss.py::test_a_lost_node_then_a_stopped_job_and_the_run_ends_as_if_neither_happened")
 PROTECTIONS = [
-    Protection("resume", "a restarted worker group resumes from Ray Train's last checkpoint", "longcat_ray/training.py",
-               "    checkpoint = ray.train.get_checkpoint()\n", "    checkpoint = None\n",
-               ("tests/test_training.py::test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run",
-                "tests/test_node_loss.py::test_a_lost_node_then_a_stopped_job_and_the_run_ends_as_if_neither_happened")),
-    Protection("latest", "the same command again resumes the run named `run` (resume_from_checkpoint: latest)",
-               "longcat_ray/training.py", 'return "run" if config.train.resume_from_checkpoint == "latest" else',
-               'return "run" if False else',
-               ("tests/test_training.py::test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run",
-                "tests/test_node_loss.py::test_a_lost_node_then_a_stopped_job_and_the_run_ends_as_if_neither_happened")),
+    # a worker group Ray Train restarts, and the same command or job run again (the same run name under output_dir),
+    # start from the run's last recorded checkpoint, which Ray Train hands each worker
+    Protection("resume", "an interrupted run resumes from Ray Train's last checkpoint", "longcat_ray/training.py",
+               "    checkpoint = ray.train.get_checkpoint()\n", "    checkpoint = None\n", INTERRUPTED),
     Protection("nan", "a non-finite loss stops the run", "longcat_ray/training.py",
                "    if bad:\n        raise NonFiniteLoss(", "    if False:\n        raise NonFiniteLoss(",
                ("tests/test_training.py::test_a_non_finite_loss_stops_the_run_naming_the_steps",)),
