@@ -16,15 +16,39 @@ def _quiet_known_noise() -> None:
       ZeRO-1/2 step triggers on every training worker; the call is DeepSpeed's, not ours).
     - DeepSpeed's "Setting accelerator to CPU" (every CPU process that imports it: the CPU is what we asked for) and
       "ZeRO with an untested optimizer" (we hand it torch's AdamW on purpose: DESIGN.md §4); its other warnings show.
-    - Ray Data's "Progress bars disabled" (the CLI turns them off for its own progress output)."""
-    if os.environ.get("LONGCAT_RAY_VERBOSE"):
+    - Ray's "Token authentication is enabled for this Ray cluster" when it starts a local Ray with a token.
+    - Ray Data's "Progress bars disabled" (the CLI turns them off for its own progress output), and its executor's
+      INFO lines on the console (each dataset's start, plan and end: ray-data.log under the session keeps them).
+    - transformers' and diffusers' progress bars while weights load or save (a bar per model, per process)."""
+    if verbose():
         return
     for name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
     drop_messages("DeepSpeed", ("Setting accelerator to CPU", "**** You are using ZeRO with an untested optimizer"))
     drop_messages("ray.data._internal.progress", ("Progress bars disabled",))
+    # a local Ray that turned token auth on by itself says so (the "disabled" warning, a risk, still shows)
+    drop_messages("ray._private.authentication.authentication_token_setup", ("Token authentication is enabled",))
+    hide_info_on_console("ray.data._internal.execution.streaming_executor")
+    # huggingface_hub's and transformers' bars (read when they are imported); diffusers' own: inference.load_pipeline
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+
+
+def verbose() -> bool:
+    """LONGCAT_RAY_VERBOSE=1: every third-party line shows (Ray's INFO logs, progress bars, known warnings)."""
+    return bool(os.environ.get("LONGCAT_RAY_VERBOSE"))
+
+
+def hide_info_on_console(logger: str) -> None:
+    """INFO records of `logger` are marked for Ray Data's console filter to drop (`hide`); its log file keeps them."""
+
+    def mark(record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO:
+            record.hide = True
+        return True
+
+    logging.getLogger(logger).addFilter(mark)
 
 
 def drop_messages(logger: str, starts: tuple[str, ...]) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
+from longcat_ray import verbose
+
 # Found on the H100 hosts (DESIGN.md §4): NVLink multicast paths fail there; every process gets these.
 PROCESS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false",
+               # Ray Train's print patch logs each print of a training worker and, where Ray has replaced the worker's
+               # sys.stdout (it does), prints it too: every line reached the driver twice
+               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def missing_job_env() -> dict[str, str]:
@@ -42,20 +48,23 @@ def init_ray(address: str | None = None, quiet: bool = True, min_local_cpus: int
         # "auto" (now with the recorded address found first) is also how ray.init picks up a local cluster's token auth
         address = "auto" if target else None
     env = missing_job_env()
-    runtime_env = {"env_vars": env} if env else None
+    # Ray's own INFO lines ("Connecting to...", "Started a local Ray instance") say what the line below says
+    common = {"runtime_env": {"env_vars": env} if env else None, "logging_level": logging.INFO if verbose() else logging.WARNING}
     if address is None:
-        ray.init(runtime_env=runtime_env, num_cpus=max(os.cpu_count() or 1, min_local_cpus))
+        context = ray.init(num_cpus=max(os.cpu_count() or 1, min_local_cpus), **common)
         how = "started a local Ray"
     else:
         try:
             check_reachable(target)  # ray.init retries a dead address for minutes without a word
-            ray.init(address=address, runtime_env=runtime_env)
+            context = ray.init(address=address, **common)
         except ConnectionError as err:
             raise ConnectionError(f"no Ray cluster answers at {target!r} ({err}). Fix: start it (`ray start --head`), "
                                   f"or {fix}") from None
         how = f"joined the running cluster at {ray.get_runtime_context().gcs_address}"
     total = ray.cluster_resources()
-    print(f"ray: {how} ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)", file=sys.stderr, flush=True)
+    url = context.dashboard_url  # host:port, or empty without a dashboard
+    dashboard = f"; dashboard http://{url.split('://')[-1]}" if url else ""
+    print(f"ray: {how} ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs){dashboard}", file=sys.stderr, flush=True)
     if quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
 

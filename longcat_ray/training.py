@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ import torch
 from torch.profiler import record_function
 
 from longcat_ray.cache import CachePlan
+from longcat_ray import verbose
 from longcat_ray.config import Config
 from longcat_ray.model.offload import ActivationOffload
 from longcat_ray.profiling import StepProfiler
@@ -188,7 +190,7 @@ def prepare_data(config: Config, progress: bool) -> list[dict[str, Any]]:
 def train(config: Config, progress: bool = True) -> TrainResult:
     """Prepare the data (cache or stream), train on Ray Train + DeepSpeed, export the final LoRA to output_dir."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from longcat_ray.cache import make_plan
@@ -227,6 +229,9 @@ def train(config: Config, progress: bool = True) -> TrainResult:
             storage_path=config.train.output_dir.removeprefix("s3://"),
             name=run_name(config),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
+            # Ray Train's INFO lines (resources asked, worker group started, each checkpoint reported) stay in its log
+            # files; its warnings and errors (a worker lost, a restart) show
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.checkpoints_total_limit),
             storage_filesystem=storage_filesystem(config.train.output_dir),
         ),
@@ -313,6 +318,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     from longcat_ray.zero import load_checkpoint
 
     started = time.perf_counter()
+    quiet_worker_reports()
     config = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -338,6 +344,15 @@ def run_worker(loop_config: dict[str, Any]) -> None:
                         plan=loop_config["plan"], progress=loop_config["progress"], cuda_graphs=levers["cuda_graphs"],
                         offload=offload, started=started)
     loop.run()
+
+
+def quiet_worker_reports() -> None:
+    """Ray Train's "Reporting training result N: TrainingReport(...)" INFO line, one per rank and checkpoint, off the
+    console (its logger is named by its file's path, outside `ray.train`, so RunConfig's log level misses it)."""
+    from ray.train.v2._internal.execution import context
+
+    if not verbose():
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def first_checkpoint(resume_from: str | None):

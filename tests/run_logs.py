@@ -42,3 +42,14 @@ def rewinds(out, rank: int = 0) -> int:
     """How often the samples log of `rank` goes back to an earlier micro-step (a restart from a checkpoint)."""
     steps = [line["micro_step"] for line in samples_log(out, rank)]
     return sum(later <= earlier for earlier, later in zip(steps, steps[1:]))
+
+
+# Ray's INFO lines a run prints only with LONGCAT_RAY_VERBOSE=1 (each dataset's start, plan and end; Train's resource
+# asks and reports; ray.init's connecting line)
+RAY_INFO = ("Starting execution of Dataset", "Execution plan of Dataset", "TrainingReport(", "Requesting resources",
+            "Started training worker group", "Connecting to existing Ray cluster", "Started a local Ray instance")
+
+
+def ray_info_lines(output: str) -> list[str]:
+    """The lines of a command's output that are Ray's INFO chatter (RAY_INFO)."""
+    return [line for line in output.splitlines() if any(marker in line for marker in RAY_INFO)]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_cluster import REPO, free_port, local_cluster, submit_job
+from tests.run_logs import ray_info_lines
 
 CLI = str(Path(sys.executable).parent / "longcat-ray")
 
@@ -51,7 +52,8 @@ def test_commands_join_a_running_head_and_plan_for_its_cpus(two_cpu_head, tmp_pa
     """On a 2-CPU head, two CPU training workers would hold both CPUs and starve their Ray Data readers (a hang
     before): `train` is refused at once with the fix named, from the CLI and as a `ray job submit` job. (Workers
     whose bundles and readers fill a node's CPUs exactly do train: tests/test_node_loss.py's run after the node is
-    lost.) Every command joins the running cluster instead of failing on it."""
+    lost.) Every command joins the running cluster instead of failing on it, and prints none of Ray's INFO lines
+    unless LONGCAT_RAY_VERBOSE=1."""
     from longcat_ray.tiny import make_tiny
 
     tiny = make_tiny(tmp_path / "tiny", pairs=4, seed=0)
@@ -61,8 +63,10 @@ def test_commands_join_a_running_head_and_plan_for_its_cpus(two_cpu_head, tmp_pa
     assert cached.returncode == 0, cached.stderr[-3000:]
     port = two_cpu_head["gcs"].rsplit(":", 1)[1]  # the host is the node's own IP as the GCS reports it
     assert "ray: joined the running cluster at " in cached.stderr and f":{port} (2 CPUs, 0 GPUs)" in cached.stderr
-    refused = cli(["train", "--config", str(config)], env, timeout=300)
+    assert not ray_info_lines(cached.stdout + cached.stderr), cached.stderr[-3000:]  # quiet by default
+    refused = cli(["train", "--config", str(config)], {**env, "LONGCAT_RAY_VERBOSE": "1"}, timeout=300)
     assert refused.returncode == 3, refused.stderr[-3000:]
+    assert "Connecting to existing Ray cluster" in refused.stderr  # verbose: Ray's INFO lines show
     assert "CPU 4 needed, 2 in the cluster" in refused.stderr and "--workers" in refused.stderr
     assert "Traceback" not in refused.stderr
     status, logs = submit_job(two_cpu_head, "train.py", "--config", str(config))  # the same plan as a Ray job

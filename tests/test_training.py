@@ -20,7 +20,7 @@ from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
 from longcat_ray.training import train
 from tests.conftest import STEPS, reference_image, tiny_config
 from tests.ray_cluster import processes_under
-from tests.run_logs import committed, samples_log
+from tests.run_logs import committed, ray_info_lines, samples_log
 
 pytestmark = pytest.mark.slow
 
@@ -211,6 +211,10 @@ def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run
     first_run = {rank: [line["micro_step"] for line in samples_log(out, rank)] for rank in (0, 1)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr  # what the user reads: each rank-0 line once, none of Ray's INFO chatter
+    last_logged = STEPS - STEPS % 5  # rank 0 logs every 5 steps
+    assert sum(f"step {last_logged}/{STEPS} " in line for line in output.splitlines()) == 1, output[:3000]
+    assert not ray_info_lines(output), ray_info_lines(output)
     for rank in (0, 1):
         steps = [line["micro_step"] for line in samples_log(out, rank)]
         assert steps.count(0) == 1, steps  # not from scratch
