@@ -50,6 +50,15 @@ PROTECTIONS = [
     Protection("fits", "a plan the cluster cannot hold is refused before anything starts", "longcat_ray/training.py",
                "    if short:\n        raise ClusterTooSmall(", "    if False:\n        raise ClusterTooSmall(",
                ("tests/test_training.py::test_the_plan_counts_each_readers_needs_and_refuses_what_cannot_run",)),
+    Protection("lora_id", "LoRA ids are bare names under the adapter root", "longcat_ray/serving/adapters.py",
+               '    return bool(LORA_ID.fullmatch(name)) and ".." not in name', "    return True",
+               ("tests/serving/test_uploads.py::test_lora_ids_never_leave_the_root",)),
+    Protection("links", "adapters that are links out of the root are refused", "longcat_ray/serving/adapters.py",
+               "    real_root = os.path.realpath(root)\n", "    return True\n",
+               ("tests/serving/test_uploads.py::test_links_out_of_the_root_are_not_served",)),
+    Protection("minimum", "edits below minimum_image_size are left out and listed", "longcat_ray/pairs.py",
+               "    if not minimum:\n        return True\n", "    if True:\n        return True\n",
+               ("tests/test_pairs.py::test_small_edits_are_left_out_and_listed_without_stopping_the_run",)),
     Protection("token", "a missing or wrong bearer token gets 401", "longcat_ray/serving/app.py",
                "        if credentials is None or not secrets.compare_digest(",
                "        if False and not secrets.compare_digest(",
@@ -70,7 +79,7 @@ def check(protection: Protection, worktree: Path) -> bool:
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *protection.tests],
                               cwd=worktree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(worktree)})
         last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
-        failed = f"{len(protection.tests)} failed" in last and "passed" not in last and "error" not in last  # each test
+        failed = " failed" in last and "passed" not in last and "error" not in last  # every test (and case) failed
         print(f"{protection.name:10s} {'fails as it should' if failed else 'STILL PASSES'}  ({time.time() - started:.0f} s; "
               f"{last})", flush=True)
         return failed
