@@ -19,7 +19,7 @@ def _quiet_known_noise() -> None:
     - Ray's "Token authentication is enabled for this Ray cluster" when it starts a local Ray with a token.
     - Ray Data's "Progress bars disabled" (the CLI turns them off for its own progress output), and its executor's
       INFO lines on the console (each dataset's start, plan and end: ray-data.log under the session keeps them).
-    - transformers' and diffusers' progress bars while weights load or save (a bar per model, per process)."""
+    Progress bars stay: downloading and loading real weights takes minutes."""
     if verbose():
         return
     for name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
@@ -29,14 +29,12 @@ def _quiet_known_noise() -> None:
     # a local Ray that turned token auth on by itself says so (the "disabled" warning, a risk, still shows)
     drop_messages("ray._private.authentication.authentication_token_setup", ("Token authentication is enabled",))
     hide_info_on_console("ray.data._internal.execution.streaming_executor")
-    # huggingface_hub's and transformers' bars (read when they are imported); diffusers' own: inference.load_pipeline
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
 
 
 def verbose() -> bool:
-    """LONGCAT_RAY_VERBOSE=1: every third-party line shows (Ray's INFO logs, progress bars, known warnings)."""
+    """LONGCAT_RAY_VERBOSE=1: every third-party line shows (Ray's INFO logs, known warnings)."""
     return bool(os.environ.get("LONGCAT_RAY_VERBOSE"))
 
 

@@ -61,14 +61,9 @@ def default_device() -> torch.device:
 def load_pipeline(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A LongCatImageEditPipeline from a local folder or a hub id, on `device` (bf16 on GPU, fp32 on CPU)."""
     from diffusers import LongCatImageEditPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    from longcat_ray import verbose
 
     device = torch.device(device) if device else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if not verbose():
-        diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
     pipe = LongCatImageEditPipeline.from_pretrained(name_or_path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     speed_up_vision(pipe.text_encoder)
