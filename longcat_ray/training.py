@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from longcat_ray.cache import CachePlan
 from longcat_ray import verbose
+from longcat_ray.cache import CachePlan
 from longcat_ray.config import Config
 from longcat_ray.model.offload import ActivationOffload
 from longcat_ray.profiling import StepProfiler
