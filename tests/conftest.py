@@ -136,6 +136,7 @@ def official_like(peft_folder, out) -> None:
 
 
 STEPS = 64  # the tiny training runs' length (the `reference` run's): long enough for `ray job stop` to land mid-run
+EVERY = 8  # the checkpoint interval of tiny_config's runs (the reference's) and of the fault tests
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +156,7 @@ def tiny_config(tiny, out, **train):
     config, _ = load_config(tiny.config)
     config.train.output_dir = str(out)
     config.train.max_train_steps = STEPS
-    config.train.checkpointing_steps = 8
+    config.train.checkpointing_steps = EVERY
     config.train.learning_rate = 1e-2
     config.lora.alpha = 8.0  # scale 2: exports must carry alpha, not assume alpha == rank
     config.validation.steps = STEPS // 2

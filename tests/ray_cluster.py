@@ -62,14 +62,19 @@ def node_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
-def kill_node(marker: str) -> None:
-    """The node lost as a machine is lost: SIGKILL to every one of its processes at once, nothing shut down cleanly."""
-    processes = node_processes(marker)
-    assert processes, f"no process of node {marker}"
+def kill(processes: list[psutil.Process]) -> None:
+    """SIGKILL to all of them at once, then wait for them to go."""
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     psutil.wait_procs(processes, timeout=30)
+
+
+def kill_node(marker: str) -> None:
+    """The node lost as a machine is lost: every one of its processes killed at once, nothing shut down cleanly."""
+    processes = node_processes(marker)
+    assert processes, f"no process of node {marker}"
+    kill(processes)
 
 
 def stop_cluster(temp_dir: Path) -> None:
@@ -82,10 +87,7 @@ def stop_cluster(temp_dir: Path) -> None:
                 mine.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    for process in mine:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(mine, timeout=30)
+    kill(mine)
 
 
 def fake_autoscaler(config: dict, gcs: int, v2: bool, root: Path) -> tuple[list[str], dict]:

@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from longcat_ray.export import LORA_FILE
-from tests.conftest import STEPS
+from tests.conftest import EVERY, STEPS
 from tests.ray_cluster import RAY, kill_node, local_cluster, node_processes, submit_job
 from tests.run_logs import committed, rewinds, samples_log
 
 pytestmark = pytest.mark.slow
-EVERY = 8  # checkpoint interval
 
 
 def wait_until(ready, what: str, timeout: float = 300) -> None:

@@ -17,8 +17,8 @@ from longcat_ray.export import LORA_FILE, PEFT_DIR
 from longcat_ray.inference import EditRequest, edit_image
 from longcat_ray.model.loss import flow_matching_loss
 from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
-from longcat_ray.training import train
-from tests.conftest import STEPS, reference_image, tiny_config
+from longcat_ray.training import LOG_EVERY, train
+from tests.conftest import EVERY, STEPS, reference_image, tiny_config
 from tests.ray_cluster import processes_under
 from tests.run_logs import committed, ray_info_lines, samples_log
 
@@ -180,9 +180,6 @@ def test_speed_levers_train_the_same_model(reference, tiny, tmp_path):
 
 
 
-EVERY = 8  # the fault tests' checkpoint interval
-
-
 def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run(reference, tiny, tmp_path):
     """`longcat-ray train` (the CLI, in its own process and its own Ray) SIGKILLed after the step-8 checkpoint is
     recorded (its Ray and workers die with it); the same command again resumes from a checkpoint, not from scratch, and
@@ -212,7 +209,7 @@ def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr  # what the user reads: each rank-0 line once, none of Ray's INFO chatter
-    last_logged = STEPS - STEPS % 5  # rank 0 logs every 5 steps
+    last_logged = STEPS - STEPS % LOG_EVERY  # rank 0 logs every LOG_EVERY steps
     assert sum(f"step {last_logged}/{STEPS} " in line for line in output.splitlines()) == 1, output[:3000]
     assert not ray_info_lines(output), ray_info_lines(output)
     for rank in (0, 1):
