@@ -41,6 +41,8 @@ ROWS: dict[str, dict] = {
     "compile": {**LEVERS_OFF, "compile": True, "gradient_checkpointing": False},
     "fast": {"compile": True, "attention": "auto", "gradient_checkpointing": False},
     "fast_fp8": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False},
+    "fast_fp8_static": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
+                        "gradient_checkpointing": False, "compile_dynamic": False},
     "fast_fp8_unfused": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
                          "gradient_checkpointing": False, "fuse_qkv": False},
     "fast_fp8_graphs": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
@@ -175,6 +177,7 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
         "attention": row.get("attention"),
         "zero_stage": row.get("zero_stage", 1),
         "compile_wrapper": row.get("compile_wrapper", "python"),
+        "compile_dynamic": row.get("compile_dynamic"),
         "fuse_qkv": row.get("fuse_qkv", True),
         "cuda_graphs": row.get("cuda_graphs", "default"),  # default: on where compile is (from the tenth session)
         "offload_optimizer": row.get("offload_optimizer", "none"),

@@ -96,8 +96,12 @@ def graph_step_begin(params: list[torch.nn.Parameter]) -> None:
             param.grad = torch.zeros_like(param)
 
 
+STATIC_SHAPES = 64  # bucket shapes a `dynamic=False` compile keeps before torch falls back to running eagerly
+
+
 def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False,
-                      memory_budget: float | None = None, fuse_qkv: bool = True, cuda_graphs: bool = False) -> None:
+                      memory_budget: float | None = None, fuse_qkv: bool = True, cuda_graphs: bool = False,
+                      dynamic: bool | None = None) -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
     repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
     `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels);
@@ -105,7 +109,7 @@ def speed_up_training(transformer, attention: str, compile: bool, backend: str =
     compiled blocks' activations kept for the backward (the partitioner recomputes the rest, cheapest FLOPs first);
     `fuse_qkv`: each attention's q/k/v as one matmul where the base is grouped (model/attention.py); `cuda_graphs`:
     the compiled blocks replayed as CUDA graphs (inductor's `reduce-overhead`; the caller starts each micro-step with
-    `graph_step_begin`)."""
+    `graph_step_begin`); `dynamic`: torch.compile's, for new bucket shapes (False: one static compile per shape)."""
     from longcat_ray.model.attention import use_training_attention
 
     use_training_attention(transformer, attention, fuse_qkv)
@@ -122,5 +126,7 @@ def speed_up_training(transformer, attention: str, compile: bool, backend: str =
             import torch._inductor.config as inductor
 
             inductor.cpp_wrapper = True
+        if dynamic is False:  # one entry per bucket shape in each block's compile cache (torch's limit is 8)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_SHAPES)
         mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
-        transformer.compile_repeated_blocks(fullgraph=False, backend=backend, **mode)
+        transformer.compile_repeated_blocks(fullgraph=False, backend=backend, dynamic=dynamic, **mode)

@@ -349,3 +349,34 @@ def test_cuda_graphs_train_as_the_compiled_blocks(tiny, widths):
     graphed, graphed_lora = compiled_steps(tiny, cuda_graphs=True, widths=widths)
     assert graphed == pytest.approx(losses, rel=1e-3)
     assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-4) for a, b in zip(graphed_lora, lora))
+
+
+@pytest.mark.parametrize("dynamic,symbolic", [(False, [False, False, False]), (None, [False, True])])
+def test_bucket_shapes_compile_statically_or_once_symbolically(tiny, dynamic, symbolic):
+    """`compile_dynamic`: False compiles each bucket shape for its exact sizes; null (torch's default) compiles the
+    first shape exactly and the second with symbolic sizes, which then serve the third. Every shape keeps the
+    uncompiled model's loss."""
+    from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (registers aot_eager)
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs = []  # per compiled forward graph of the (one double, one single) block classes: any symbolic size?
+
+    def backend(gm, inputs):
+        values = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
+        graphs.append(any(isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in v.shape) for v in values))
+        return lookup_backend("aot_eager")(gm, inputs)
+
+    torch._dynamo.reset()
+    model = ModelConfig(pretrained_model_name_or_path=str(tiny.model))
+    plain, compiled = (load_transformer(model, torch.float32, torch.device("cpu")) for _ in range(2))
+    speed_up_training(compiled, "sdpa", compile=True, backend=backend, dynamic=dynamic)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 20, 64, generator=g)
+    for height, width in ((16, 16), (8, 16), (8, 24)):  # 64, 32 and 48 image tokens per image
+        edit, ref = torch.randn(1, 16, height, width, generator=g), torch.randn(1, 16, height, width, generator=g)
+        with torch.no_grad():
+            want, got = (flow_matching_loss(m, edit, ref, text, torch.Generator().manual_seed(1)) for m in (plain, compiled))
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # two block classes: each shape that compiles adds one graph per class
+    assert graphs == [flag for flag in symbolic for _ in range(2)], graphs
