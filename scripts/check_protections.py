@@ -35,6 +35,7 @@ class Protection:
 # the runs interrupted mid-way (driver killed; node lost then job stopped) that must end as the uninterrupted run
 INTERRUPTED = ("tests/test_training.py::test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run",
                "tests/test_node_loss.py::test_a_lost_node_then_a_stopped_job_and_the_run_ends_as_if_neither_happened")
+BATTERY = "tests/test_pairs.py::test_the_input_battery_gets_its_documented_outcomes_and_every_file_is_counted_once"
 PROTECTIONS = [
     # a worker group Ray Train restarts, and the same command or job run again (the same run name under output_dir),
     # start from the run's last recorded checkpoint, which Ray Train hands each worker
@@ -59,12 +60,39 @@ PROTECTIONS = [
     Protection("minimum", "edits below minimum_image_size are left out and listed", "longcat_ray/pairs.py",
                "    if not minimum:\n        return True\n", "    if True:\n        return True\n",
                ("tests/test_pairs.py::test_small_edits_are_left_out_and_listed_without_stopping_the_run",)),
+    Protection("broken", "an unreadable image is named in the report, not a traceback", "longcat_ray/pairs.py",
+               "    except Exception as err:  # noqa: BLE001 -- PIL raises many types for corrupt data\n",
+               "    except ZeroDivisionError as err:\n",
+               ("tests/test_pairs.py::test_report_names_every_broken_file", BATTERY)),
+    Protection("twins", "two images of one name (a.png, a.jpg) are named, never paired at random", "longcat_ray/pairs.py",
+               "    return {stem: same[0] for stem, same in urls.items() if len(same) == 1}, {s: u for s, u in urls.items() if len(u) > 1}\n",
+               "    return {stem: same[0] for stem, same in urls.items()}, {}\n", (BATTERY,)),
+    Protection("case", "names that differ only in case are said to", "longcat_ray/pairs.py",
+               '    return f"; {twins[0]} differs only in case (names match exactly)" if twins else ""\n', '    return ""\n',
+               (BATTERY,)),
+    Protection("utf8", "a caption that is not UTF-8 is named", "longcat_ray/pairs.py",
+               '        text = read_bytes(url, options).decode("utf-8").strip()\n',
+               '        text = read_bytes(url, options).decode("utf-8", "replace").strip()\n', (BATTERY,)),
+    Protection("empty_caption", "an empty caption is named", "longcat_ray/pairs.py",
+               "    if not text:  # an edit without", "    if False:  # an edit without", (BATTERY,)),
+    Protection("smaller_ref", "a reference far smaller than its edit is named", "longcat_ray/pairs.py",
+               "    if edit is None or ref is None or not (", "    if True or edit is None or ref is None or not (", (BATTERY,)),
+    Protection("encoder_key", "text entries are keyed by the text encoder's fingerprint", "longcat_ray/cache.py",
+               "        text_fp=text_fp,\n", '        text_fp="any encoder",\n',
+               ("tests/test_cache.py::test_cache_build_reuse_and_exact_invalidation",)),
+    Protection("cache_storage", "the cache's storage failing mid-write stops the build with one message", "longcat_ray/cache.py",
+               '    """A failed Ray Data run whose text carries write_batch\'s line -> the error to raise, else None."""\n',
+               '    """A failed Ray Data run whose text carries write_batch\'s line -> the error to raise, else None."""\n'
+               "    return None\n", ("tests/test_cache.py::test_cache_on_s3_and_the_storage_going_away_mid_write",)),
     Protection("gpu_plan", "training workers ask for GPUs (so they never land on the GPU-less head)",
                "longcat_ray/training.py", "    gpu_plan = gpus > 0 or accelerator is not None\n", "    gpu_plan = False\n",
                ("tests/test_jobs.py::test_aws_node_types_autoscale_for_the_cache_train_and_validate_jobs",)),
     Protection("h100_type", "cluster/aws.yaml's H100 type holds a training worker (this check waits the test's 420 s)",
                "cluster/aws.yaml", "    resources: {}\n  gpu_1x_l40s:", '    resources: {"GPU": 0}\n  gpu_1x_l40s:',
                ("tests/test_jobs.py::test_aws_node_types_autoscale_for_the_cache_train_and_validate_jobs",)),
+    Protection("length", "a Content-Length over the limit is refused before the body is read",
+               "longcat_ray/serving/body_limit.py", "        if limit is not None and length.isdigit() and int(length) > limit:\n",
+               "        if False:\n", ("tests/serving/test_app.py::test_a_content_length_over_the_limit_is_refused_before_the_body",)),
     Protection("token", "a missing or wrong bearer token gets 401", "longcat_ray/serving/app.py",
                "        if credentials is None or not secrets.compare_digest(",
                "        if False and not secrets.compare_digest(",
@@ -86,7 +114,7 @@ def check(protection: Protection, worktree: Path) -> bool:
                               cwd=worktree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(worktree)})
         last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
         failed = " failed" in last and "passed" not in last and "error" not in last  # every test (and case) failed
-        print(f"{protection.name:10s} {'fails as it should' if failed else 'STILL PASSES'}  ({time.time() - started:.0f} s; "
+        print(f"{protection.name:13s} {'fails as it should' if failed else 'STILL PASSES'}  ({time.time() - started:.0f} s; "
               f"{last})", flush=True)
         return failed
     finally:
@@ -104,7 +132,7 @@ def main() -> int:
         parser.error(f"unknown protection(s) {sorted(unknown)}; --list shows them")
     if args.list:
         for p in chosen:
-            print(f"{p.name:10s} {p.what}\n{'':10s} {p.file}; tests: {', '.join(p.tests)}")
+            print(f"{p.name:13s} {p.what}\n{'':13s} {p.file}; tests: {', '.join(p.tests)}")
         return 0
     with tempfile.TemporaryDirectory(prefix="lcr-protections-") as folder:
         worktree = Path(folder) / "tree"

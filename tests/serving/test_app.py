@@ -207,6 +207,23 @@ def test_a_chunked_upload_over_the_limit_is_cut_off(server, path, shape):
     assert requests.get(f"{server}/healthz", timeout=30).json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("path,shape", [("/v1/edit", b'"detail"'), ("/v1/images/edits", b'"error"')])
+def test_a_content_length_over_the_limit_is_refused_before_the_body(server, path, shape):
+    """Only the headers are sent, announcing 50 MB (the limit is ~1 MB: the upload + room for the form): the 413 comes without a byte of the body.
+    Were the announced length not checked, the server would wait for the body (408 after upload_timeout_s)."""
+    from urllib.parse import urlparse
+
+    where = urlparse(server)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {where.hostname}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 50000000\r\n\r\n").encode())
+        response = b""
+        while b"}" not in response and (data := sock.recv(65536)):
+            response += data
+    assert response.startswith(b"HTTP/1.1 413"), response[:300]
+    assert b"request body of 50000000 bytes is over the limit of" in response and shape in response, response
+
+
 def test_a_slow_loris_upload_is_cut_off_while_others_are_served(server, tiny):
     """A client trickling its body (a byte every 0.3 s, never finishing) is answered 408 once upload_timeout_s (5 s)
     has passed; meanwhile and after, other edits are served."""
