@@ -64,6 +64,8 @@ PROTECTIONS = [
                "    except Exception as err:  # noqa: BLE001 -- PIL raises many types for corrupt data\n",
                "    except ZeroDivisionError as err:\n",
                ("tests/test_pairs.py::test_report_names_every_broken_file", BATTERY)),
+    Protection("bomb", "an image whose header promises over PIL's pixel limit is refused before decoding", "longcat_ray/pairs.py",
+               '            warnings.simplefilter("error", Image.DecompressionBombWarning)\n', "            pass\n", (BATTERY,)),
     Protection("twins", "two images of one name (a.png, a.jpg) are named, never paired at random", "longcat_ray/pairs.py",
                "    return {stem: same[0] for stem, same in urls.items() if len(same) == 1}, {s: u for s, u in urls.items() if len(u) > 1}\n",
                "    return {stem: same[0] for stem, same in urls.items()}, {}\n", (BATTERY,)),

@@ -173,10 +173,11 @@ def battery(tmp_path):
          caption_fate="skipped: a caption of a pair left out, or of no image")
     good = (edits / "good.png").read_bytes()
     (edits / "lying.png").write_bytes(good[:16] + struct.pack(">I", 9999) + good[20:])  # IHDR width changed, CRC not
-    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)) + png_chunk(b"IEND", b"")
-    (edits / "bomb.png").write_bytes(bomb)
+    for stem, side in (("bomb", 20000), ("bomb_12k", 12000)):  # over twice PIL's pixel limit (its own error); 1-2x (ours)
+        header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        (edits / f"{stem}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IEND", b""))
     (edits / "zero.png").write_bytes(b"")
-    for stem in ("lying", "bomb", "zero"):
+    for stem in ("lying", "bomb", "bomb_12k", "zero"):
         pair(stem, "error: unreadable image", "skipped: its pair is left out (another of its files has a problem)",
              caption_fate="skipped: a caption of a pair left out, or of no image")
     left_out = ("skipped: its pair is left out (another of its files has a problem)", "skipped: a caption of a pair left out, or of no image")
@@ -219,5 +220,6 @@ def test_the_input_battery_gets_its_documented_outcomes_and_every_file_is_counte
     assert (turned["width"], turned["height"]) == (160, 320) and turned["bucket_w"] < turned["bucket_h"]  # as a viewer shows it
     deep, _, _ = decode_image(str(folder / "edits" / "deep.png"), {})
     assert deep.mode == "RGB" and np.asarray(deep)[0, 0, 0] == 0 and np.asarray(deep)[0, -1, 0] == 255 and 100 < np.asarray(deep)[0, 80, 0] < 160
-    assert "DecompressionBomb" in next(p.detail for p in problems if p.file.endswith("bomb.png"))
+    for bomb in ("bomb.png", "bomb_12k.png"):  # refused from the header, before any pixel is decoded
+        assert "DecompressionBomb" in next(p.detail for p in problems if p.file.endswith(bomb))
     assert "differs only in case" in next(p.detail for p in problems if p.file.endswith("Case.png"))
