@@ -666,6 +666,9 @@ def check_precision(model: ModelConfig, train: TrainConfig, source: str) -> list
         if train.cuda_graphs:
             problems.append(f"{source}: key 'cuda_graphs': CUDA graphs replay the compiled blocks, and {why} turns "
                             "compile off. Fix: remove \"cuda_graphs\", or turn compile on.")
+        if train.compile_dynamic is not None:
+            problems.append(f"{source}: key 'compile_dynamic': it says how the compiled blocks meet new bucket shapes, "
+                            f"and {why} turns compile off. Fix: remove \"compile_dynamic\", or turn compile on.")
     if train.cuda_graphs and train.offload_activations != "none":
         problems.append(f"{source}: key 'cuda_graphs': CUDA graphs keep the saved activations in their own memory pool, "
                         "so \"offload_activations\": \"cpu\" would free nothing. Fix: remove \"cuda_graphs\" (it is then "

@@ -92,6 +92,7 @@ def test_comment_stripping_keeps_strings_and_lines():
         ({"cuda_graphs": True, "compile": False}, {}, ["'cuda_graphs'", '"compile": false', "turn compile on"]),
         ({"cuda_graphs": True, "base_model_precision": "int8-quanto"}, {}, ["'cuda_graphs'", "int8-torchao"]),
         ({"cuda_graphs": True, "offload_activations": "cpu"}, {}, ["'cuda_graphs'", "memory pool", '"offload_activations": "none"']),
+        ({"compile_dynamic": False, "compile": False}, {}, ["'compile_dynamic'", '"compile": false', "turn compile on"]),
         ({"offload_activations": "disk"}, {}, ["'offload_activations'", "cpu"]),
         ({"gradient_checkpointing_interval": 0}, {}, ["'gradient_checkpointing_interval'"]),
         ({"attention": "flash3"}, {}, ["'attention'", "cudnn"]),
