@@ -1,6 +1,6 @@
 """Removes each protection RELIABILITY.md relies on, one at a time, and runs the tests that show it: every one must fail.
 
-    .venv/bin/python scripts/check_protections.py            # all (about 21 minutes on 2 cores)
+    .venv/bin/python scripts/check_protections.py            # all (about 23 minutes on 2 cores)
     .venv/bin/python scripts/check_protections.py resume nan # by name; --list shows them
 
 Each protection is a textual change to one source file (the exact text replaced, so a refactor that moves the code
