@@ -405,7 +405,8 @@ def resolved_levers(config: Config, device: torch.device) -> dict[str, Any]:
     compile = train.compile if train.compile is not None else device.type == "cuda" and precision not in WEIGHT_ONLY
     budget = recompute_budget(train) if compile else None
     return {"base_model_precision": precision, "attention": resolve_backend(train.attention, device), "compile": compile,
-            "compile_wrapper": train.compile_wrapper if compile else None, "compile_dynamic": train.compile_dynamic, "checkpointing": checkpointing(train, budget),
+            "compile_wrapper": train.compile_wrapper if compile else None,
+            "compile_dynamic": train.compile_dynamic if compile else None, "checkpointing": checkpointing(train, budget),
             "activation_memory_budget": budget, "zero_stage": train.zero_stage, "fuse_qkv": train.fuse_qkv,
             "offload_activations": train.offload_activations,
             "cuda_graphs": (train.cuda_graphs is not False and compile and device.type == "cuda"

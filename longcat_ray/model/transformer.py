@@ -4,6 +4,8 @@ which blocks recompute their activations)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from longcat_ray.config import WEIGHT_ONLY, LoraConfig, ModelConfig
@@ -99,12 +101,13 @@ def graph_step_begin(params: list[torch.nn.Parameter]) -> None:
 STATIC_SHAPES = 64  # bucket shapes a `dynamic=False` compile keeps before torch falls back to running eagerly
 
 
-def speed_up_training(transformer, attention: str, compile: bool, backend: str = "inductor", cpp_wrapper: bool = False,
-                      memory_budget: float | None = None, fuse_qkv: bool = True, cuda_graphs: bool = False,
-                      dynamic: bool | None = None) -> None:
+def speed_up_training(transformer, attention: str, compile: bool, backend: str | Callable = "inductor",
+                      cpp_wrapper: bool = False, memory_budget: float | None = None, fuse_qkv: bool = True,
+                      cuda_graphs: bool = False, dynamic: bool | None = None) -> None:
     """Exact-maths levers: the attention kernel (model/attention.py) and a regional torch.compile of the
     repeated blocks (fuses the norms, modulation, rotary embedding and the fp8 scaling between the matmuls).
-    `backend`: torch.compile's (tests use aot_eager: the same graph capture without generating kernels);
+    `backend`: torch.compile's, a name or a function (tests use aot_eager: the same graph capture without generating
+    kernels);
     `cpp_wrapper`: inductor's C++ wrapper around the kernels instead of Python; `memory_budget`: the share of the
     compiled blocks' activations kept for the backward (the partitioner recomputes the rest, cheapest FLOPs first);
     `fuse_qkv`: each attention's q/k/v as one matmul where the base is grouped (model/attention.py); `cuda_graphs`:
