@@ -352,12 +352,13 @@ def test_cuda_graphs_train_as_the_compiled_blocks(tiny, widths):
 
 
 @pytest.mark.parametrize("dynamic,symbolic", [(False, [False, False, False]), (None, [False, True])])
-def test_bucket_shapes_compile_statically_or_once_symbolically(tiny, dynamic, symbolic):
+def test_bucket_shapes_compile_statically_or_once_symbolically(tiny, dynamic, symbolic, monkeypatch):
     """`compile_dynamic`: False compiles each bucket shape for its exact sizes; null (torch's default) compiles the
     first shape exactly and the second with symbolic sizes, which then serve the third. Every shape keeps the
     uncompiled model's loss."""
-    from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (registers aot_eager)
     from torch._dynamo.backends.registry import lookup_backend
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
 
     graphs = []  # per compiled forward graph of the (one double, one single) block classes: any symbolic size?
 
