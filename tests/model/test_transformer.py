@@ -352,13 +352,11 @@ def test_cuda_graphs_train_as_the_compiled_blocks(tiny, widths):
 
 
 @pytest.mark.parametrize("dynamic,symbolic", [(False, [False, False, False]), (None, [False, True])])
-def test_bucket_shapes_compile_statically_or_once_symbolically(tiny, dynamic, symbolic, monkeypatch):
+def test_bucket_shapes_compile_statically_or_once_symbolically(tiny, dynamic, symbolic):
     """`compile_dynamic`: False compiles each bucket shape for its exact sizes; null (torch's default) compiles the
     first shape exactly and the second with symbolic sizes, which then serve the third. Every shape keeps the
     uncompiled model's loss."""
     from torch._dynamo.backends.registry import lookup_backend
-
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
 
     graphs = []  # per compiled forward graph of the (one double, one single) block classes: any symbolic size?
 
@@ -371,7 +369,8 @@ def test_bucket_shapes_compile_statically_or_once_symbolically(tiny, dynamic, sy
     torch._dynamo.reset()
     model = ModelConfig(pretrained_model_name_or_path=str(tiny.model))
     plain, compiled = (load_transformer(model, torch.float32, torch.device("cpu")) for _ in range(2))
-    speed_up_training(compiled, "sdpa", compile=True, backend=backend, dynamic=dynamic)
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):  # restored after
+        speed_up_training(compiled, "sdpa", compile=True, backend=backend, dynamic=dynamic)
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, 20, 64, generator=g)
     for height, width in ((16, 16), (8, 16), (8, 24)):  # 64, 32 and 48 image tokens per image
