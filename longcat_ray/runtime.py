@@ -49,7 +49,8 @@ def init_ray(address: str | None = None, quiet: bool = True, min_local_cpus: int
         address = "auto" if target else None
     env = missing_job_env()
     # Ray's own INFO lines ("Connecting to...", "Started a local Ray instance") say what the line below says
-    common = {"runtime_env": {"env_vars": env} if env else None, "logging_level": logging.INFO if verbose() else logging.WARNING}
+    common = {"runtime_env": {"env_vars": env} if env else None,
+              "logging_level": logging.INFO if verbose() else logging.WARNING}
     if address is None:
         context = ray.init(num_cpus=max(os.cpu_count() or 1, min_local_cpus), **common)
         how = "started a local Ray"
@@ -64,7 +65,8 @@ def init_ray(address: str | None = None, quiet: bool = True, min_local_cpus: int
     total = ray.cluster_resources()
     url = context.dashboard_url  # host:port, or empty without a dashboard
     dashboard = f"; dashboard http://{url.split('://')[-1]}" if url else ""
-    print(f"ray: {how} ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs){dashboard}", file=sys.stderr, flush=True)
+    print(f"ray: {how} ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs){dashboard}", file=sys.stderr,
+          flush=True)
     if quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
 

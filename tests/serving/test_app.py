@@ -209,8 +209,9 @@ def test_a_chunked_upload_over_the_limit_is_cut_off(server, path, shape):
 
 @pytest.mark.parametrize("path,shape", [("/v1/edit", b'"detail"'), ("/v1/images/edits", b'"error"')])
 def test_a_content_length_over_the_limit_is_refused_before_the_body(server, path, shape):
-    """Only the headers are sent, announcing 50 MB (the limit is ~1 MB: the upload + room for the form): the 413 comes without a byte of the body.
-    Were the announced length not checked, the server would wait for the body (408 after upload_timeout_s)."""
+    """Only the headers are sent, announcing 50 MB (the limit is ~1 MB: the upload + room for the form): the 413
+    comes without a byte of the body. Were the announced length not checked, the server would wait for the body
+    (408 after upload_timeout_s)."""
     from urllib.parse import urlparse
 
     where = urlparse(server)
