@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ray.init. They are test-only values for a server the tests start themselves.
 for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(key, value)
+# Ray Train's controller takes one `ray.train.report` per worker from each poll of its workers (every 2 s by default)
+# and a worker's next report waits for the last to be taken: a tiny run checkpointing every 8 steps at 0.05 s a step
+# spent most of its time waiting (64 steps: 41 s at 2 s, 28 s at 0.25 s on 2 cores), and every run waits two polls
+# after its last step. The tests' Rays poll every 0.25 s (ray_cluster.local_cluster passes it on); a real run
+# checkpoints minutes apart and never waits for a poll but the last.
+TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+for key, value in TRAIN_POLL.items():
+    os.environ.setdefault(key, value)
 
 
 @pytest.fixture(scope="session")
