@@ -16,12 +16,32 @@ for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
     os.environ.setdefault(key, value)
 # Ray Train's controller takes one `ray.train.report` per worker from each poll of its workers (every 2 s by default)
 # and a worker's next report waits for the last to be taken: a tiny run checkpointing every 8 steps at 0.05 s a step
-# spent most of its time waiting (64 steps: 41 s at 2 s, 28 s at 0.25 s on 2 cores), and every run waits two polls
+# spent most of its time waiting (64 steps: 41 s at 2 s, 28 s at 0.25 s on 2 cores), and a run ends up to two polls
 # after its last step. The tests' Rays poll every 0.25 s (ray_cluster.local_cluster passes it on); a real run
 # checkpoints minutes apart and never waits for a poll but the last.
 TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 for key, value in TRAIN_POLL.items():
     os.environ.setdefault(key, value)
+
+
+COMPILER_CONFIGS = ("torch._dynamo.config", "torch._functorch.config", "torch._inductor.config")
+
+
+@pytest.fixture(autouse=True)
+def compiler_config_restored():
+    """The product sets torch's compiler config process-wide, as its training workers and replicas want
+    (`speed_up_training`: the recompile limit, the activation memory budget, the C++ wrapper; `inference`: the cache
+    size): each test ends with the values it started with, so none compiles under what an earlier test left (a
+    budget of 0.0 from test_offload stayed for every later compile; a monkeypatch's undo hid one: CI, 2026-12-07)."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in COMPILER_CONFIGS]
+    before = [module.get_config_copy() for module in modules]
+    yield
+    for module, saved in zip(modules, before):
+        now = module.get_config_copy()
+        for key in [key for key, value in saved.items() if now.get(key) != value]:
+            setattr(module, key, saved[key])
 
 
 @pytest.fixture(scope="session")

@@ -248,20 +248,15 @@ def test_compiled_blocks_keep_the_maths(tiny):
 def test_the_compilers_recomputation_keeps_the_maths_in_less_memory(tiny):
     """`activation_memory_budget`: the compiled blocks keep a smaller share of their activations and recompute the
     rest in the backward; the loss and LoRA gradients stay the uncompiled model's."""
-    import torch._functorch.config as functorch
-
-    # torch's own patch restores the budget after: pytest >= 9.2's monkeypatch deletes a config it did not find in the
-    # module's __dict__, which hides it from every later compile in the process (CI, 2026-12-07)
-    with functorch.patch(activation_memory_budget=functorch.activation_memory_budget):
-        _, plain, reference = loss_and_grads(tiny, "no_change")
-        kept = []
-        for budget in (1.0, 0.0):
-            torch._dynamo.reset()  # each budget partitions its own graphs
-            transformer, params, loss = loss_and_grads(tiny, "no_change", compile=True, memory_budget=budget)
-            kept.append(transformer.saved_bytes)
-            assert loss == pytest.approx(reference, rel=1e-6)
-            for mine, theirs in zip(params, plain):
-                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    _, plain, reference = loss_and_grads(tiny, "no_change")  # conftest's compiler_config_restored resets the budget
+    kept = []
+    for budget in (1.0, 0.0):
+        torch._dynamo.reset()  # each budget partitions its own graphs
+        transformer, params, loss = loss_and_grads(tiny, "no_change", compile=True, memory_budget=budget)
+        kept.append(transformer.saved_bytes)
+        assert loss == pytest.approx(reference, rel=1e-6)
+        for mine, theirs in zip(params, plain):
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
     assert kept[1] < 0.8 * kept[0], kept
 
 
@@ -376,16 +371,15 @@ def compiled_graphs_over_bucket_shapes(tiny, dynamic, device: str, backend_name:
     add_lora(compiled, LoraConfig(rank=4), seed=0)  # B = 0: the same outputs as the plain model, and a backward
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, 20, 64, generator=g).to(device)
-    # the limit speed_up_training raises stays in force while the shapes compile, as in a worker; restored after
-    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
-        speed_up_training(compiled, "sdpa", compile=True, backend=backend, dynamic=dynamic)
-        for height, width in ((16, 16), (8, 16), (8, 24)):
-            edit, ref = (torch.randn(1, 16, height, width, generator=g).to(device) for _ in range(2))
-            got = flow_matching_loss(compiled, edit, ref, text, torch.Generator().manual_seed(1))
-            got.backward()
-            with torch.no_grad():
-                want = flow_matching_loss(plain, edit, ref, text, torch.Generator().manual_seed(1))
-            assert got.item() == pytest.approx(want.item(), rel=rel)
+    # the recompile limit speed_up_training raises holds for the whole test, as in a worker (conftest restores it)
+    speed_up_training(compiled, "sdpa", compile=True, backend=backend, dynamic=dynamic)
+    for height, width in ((16, 16), (8, 16), (8, 24)):
+        edit, ref = (torch.randn(1, 16, height, width, generator=g).to(device) for _ in range(2))
+        got = flow_matching_loss(compiled, edit, ref, text, torch.Generator().manual_seed(1))
+        got.backward()
+        with torch.no_grad():
+            want = flow_matching_loss(plain, edit, ref, text, torch.Generator().manual_seed(1))
+        assert got.item() == pytest.approx(want.item(), rel=rel)
     return graphs
 
 
