@@ -129,7 +129,8 @@ class TrainConfig(Section):
     """How the compiled blocks meet a new bucket shape (torch.compile's `dynamic`). Null: torch's default, the first
     shape compiled for its exact sizes and, when a second one arrives, one recompile with symbolic sizes that then
     serves every shape. False: one compile per bucket shape, each for its exact sizes (a compile warm-up per bucket,
-    the first time it comes; up to 64 shapes). True: symbolic sizes from the first compile."""
+    the first time it comes; up to 64 shapes). True: symbolic sizes from the first compile (a later shape that breaks
+    a guard the first set, e.g. square then not, still compiles once more)."""
     compile_wrapper: Literal["python", "cpp"] = "python"
     """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper (set process-wide, which avoids
     pytorch#178845). On an H200 it ran at the Python wrapper's speed (0.2098 s/sample both) with a cold compile of
