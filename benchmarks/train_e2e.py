@@ -43,6 +43,8 @@ ROWS: dict[str, dict] = {
     "fast_fp8": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul", "gradient_checkpointing": False},
     "fast_fp8_static": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
                         "gradient_checkpointing": False, "compile_dynamic": False},
+    "fast_fp8_symbolic": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
+                          "gradient_checkpointing": False, "compile_dynamic": True},
     "fast_fp8_unfused": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
                          "gradient_checkpointing": False, "fuse_qkv": False},
     "fast_fp8_graphs": {"compile": True, "attention": "auto", "base_model_precision": "fp8-matmul",
@@ -199,7 +201,8 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
 def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     import torch
 
-    from longcat_ray.training import resolved_levers, train
+    from longcat_ray.cache import read_manifest
+    from longcat_ray.training import batch_shapes, resolved_levers, train
 
     config = row_config(config_path, name, args.steps, Path(args.work), profile=name in args.profile.split(","))
     shutil.rmtree(config.train.output_dir, ignore_errors=True)  # a fresh run: its logs hold this row alone
@@ -212,7 +215,8 @@ def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     windows = [json.loads(line) for line in log.read_text().splitlines()]
     result = summarise(name, windows, args.skip, args.side, baseline, config.train.profile_steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result["activation_memory_budget"] = resolved_levers(config, device)["activation_memory_budget"]  # the worker's
+    levers = resolved_levers(config, device, batch_shapes(read_manifest(config), config.train, 1))  # the worker's
+    result.update(activation_memory_budget=levers["activation_memory_budget"], compile_dynamic=levers["compile_dynamic"])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     for written, kept in (("profile-rank0.txt", f"profile_{name}.txt"), ("trace-rank0.json.gz", f"trace_{name}.json.gz")):
         if log.with_name(written).exists():

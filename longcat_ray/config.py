@@ -126,11 +126,13 @@ class TrainConfig(Section):
     """Regional torch.compile of the DiT's repeated blocks in each training worker (exact maths; a warm-up
     before the first step). Null: on when the worker has a GPU, off on CPU."""
     compile_dynamic: bool | None = None
-    """How the compiled blocks meet a new bucket shape (torch.compile's `dynamic`). Null: torch's default, the first
-    shape compiled for its exact sizes and, when a second one arrives, one recompile with symbolic sizes that then
-    serves every shape. False: one compile per bucket shape, each for its exact sizes (a compile warm-up per bucket,
-    the first time it comes; up to 64 shapes). True: symbolic sizes from the first compile (a later shape that breaks
-    a guard the first set, e.g. square then not, still compiles once more)."""
+    """How the compiled blocks meet a new batch shape (a bucket, and a batch length; torch.compile's `dynamic`).
+    False: one compile per shape, each for its exact sizes (a compile warm-up per shape, the first time it comes; up
+    to 64 shapes). True: symbolic sizes from the first compile (a later shape that breaks a guard the first set, e.g.
+    square then not, still compiles once more). Null: False when the run has at most 4 batch shapes, else torch's
+    default (the first shape exact and, when a second arrives, one recompile with symbolic sizes that then serves
+    every shape). On an H100 with two buckets (fp8 base, one call): static 0.206 s/sample with a 155 s warm-up,
+    torch's default 0.231 s with 184 s; each further static shape costs its own compile (benchmarks/RESULTS.md)."""
     compile_wrapper: Literal["python", "cpp"] = "python"
     """The code around the compiled blocks' kernels: `cpp` is inductor's C++ wrapper (set process-wide, which avoids
     pytorch#178845). On an H200 it ran at the Python wrapper's speed (0.2098 s/sample both) with a cold compile of

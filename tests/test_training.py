@@ -297,3 +297,27 @@ def test_a_gpu_model_with_none_up_needs_a_worker_count_and_pins_each_worker(tiny
     config.train.num_workers = 16
     assert worker_count(config, gpus=0) == 16
     assert worker_resources(True, "H100") == {"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001}
+
+
+def test_compile_dynamic_defaults_to_static_for_a_few_batch_shapes():
+    """`compile_dynamic: null` resolves per run: static while the run has at most STATIC_SHAPES_BY_DEFAULT batch
+    shapes (bucket and batch length), torch's default beyond; a configured value always wins; no compile, no value."""
+    from longcat_ray.config import Config, TrainConfig
+    from longcat_ray.training import STATIC_SHAPES_BY_DEFAULT, batch_shapes, resolved_levers
+
+    def manifest(buckets: int, per_bucket: int) -> list[dict]:
+        return [{"sample_id": f"{b}/{i}", "bucket_w": 64 * (b + 1), "bucket_h": 64} for b in range(buckets) for i in range(per_bucket)]
+
+    assert batch_shapes(manifest(3, 5), TrainConfig(train_batch_size=1), world=1) == 3
+    assert batch_shapes(manifest(3, 5), TrainConfig(train_batch_size=2), world=1) == 6  # 2 + 2 + 1 in each bucket
+    assert batch_shapes(manifest(1, 4), TrainConfig(train_batch_size=4), world=2) == 1  # 4 split in two halves of 2
+
+    config = Config(train=TrainConfig(compile=True))
+    device = torch.device("cpu")  # compile pinned on: what the resolution reads
+    assert resolved_levers(config, device, STATIC_SHAPES_BY_DEFAULT)["compile_dynamic"] is False
+    assert resolved_levers(config, device, STATIC_SHAPES_BY_DEFAULT + 1)["compile_dynamic"] is None
+    for value in (True, False):
+        pinned = Config(train=TrainConfig(compile=True, compile_dynamic=value))
+        assert resolved_levers(pinned, device, 1)["compile_dynamic"] is value
+        assert resolved_levers(pinned, device, 100)["compile_dynamic"] is value
+    assert resolved_levers(Config(train=TrainConfig(compile=False)), device, 1)["compile_dynamic"] is None
