@@ -387,9 +387,9 @@ def compiled_graphs_over_bucket_shapes(tiny, dynamic, device: str, backend_name:
 
 @pytest.mark.parametrize("dynamic,symbolic", SHAPE_CASES)
 def test_bucket_shapes_compile_statically_or_once_symbolically(tiny, dynamic, symbolic):
-    """`compile_dynamic`: False compiles each bucket shape for its exact sizes; null (torch's default) compiles the
-    first shape exactly and the second with symbolic sizes, which then serve the third; True compiles symbolically
-    from the first. Every shape keeps the uncompiled model's loss."""
+    """The blocks' compile `dynamic` (what `compile_dynamic` resolves to): False compiles each bucket shape for its
+    exact sizes; None (torch's default) compiles the first shape exactly and the second with symbolic sizes, which
+    then serve the third; True compiles symbolically from the first. Every shape keeps the uncompiled model's loss."""
     graphs = compiled_graphs_over_bucket_shapes(tiny, dynamic, "cpu", "aot_eager", rel=1e-6)
     assert graphs == [flag for flag in symbolic for _ in range(2)], graphs  # two block classes: a graph each
 
