@@ -32,7 +32,8 @@ def main() -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--image", required=True)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="the edited image; its suffix picks the format the server "
+                        "encodes: .jpg/.jpeg JPEG, .webp WebP, anything else PNG")
     parser.add_argument("--lora", default="", help="adapter id (GET /v1/loras)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--size", help="WIDTHxHEIGHT (default: the server picks from the source's aspect)")
@@ -46,6 +47,8 @@ def main() -> int:
         data["num_inference_steps"] = str(args.steps)
     if args.size:
         data["width"], data["height"] = args.size.lower().split("x")
+    suffix = os.path.splitext(args.output)[1].lower()
+    data["output_format"] = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(suffix, "png")
     token = os.environ.get("LONGCAT_RAY_API_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with open(args.image, "rb") as image:

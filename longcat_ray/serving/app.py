@@ -14,7 +14,6 @@ Bad input is answered by the ingress with a 4xx naming the field and never reach
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 import asyncio
 import dataclasses
-import io
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,8 @@ from longcat_ray.serving.body_limit import BodyLimit
 from longcat_ray.serving.compile_cache import cache_url, load_compiled, save_compiled
 from longcat_ray.serving import openai_compat as oai
 from longcat_ray.serving.config import ServeConfig
-from longcat_ray.serving.uploads import RequestError, build_request, check_range, check_request_id, decode_upload
+from longcat_ray.serving.uploads import (OUTPUT_FORMATS, Encoding, RequestError, build_request, check_range,
+                                         check_request_id, decode_upload, encode_image, output_encoding)
 
 APP_NAME = "longcat-ray"
 ACTIVE_ADAPTER = "active"
@@ -64,6 +64,8 @@ class EditJob:
     """The client's id for GET /v1/progress/{id}."""
     timing: dict[str, float] = dataclasses.field(default_factory=dict)
     """The ingress's milliseconds so far (reading the upload; decoding, checking and resizing it)."""
+    encoding: Encoding = Encoding()
+    """The result's format, encoded once by the replica (off its event loop) and passed through as it is."""
 
     @property
     def adapter_key(self) -> str:
@@ -76,7 +78,8 @@ class EditJob:
 
 @dataclass
 class EditResult:
-    png: bytes
+    image: bytes
+    """The result, encoded as its job asked (EditJob.encoding)."""
     batch_size: int
     started: float
     """When its batch went to the model (the replica's perf_counter): the request's wait ends there."""
@@ -221,9 +224,10 @@ class EditModel:
             self.note_fatal(err)
             raise
         seconds = time.perf_counter() - start
-        pngs = await asyncio.gather(*(asyncio.to_thread(to_png, image) for image in images))  # off the event loop
-        timing = {"model": 1000 * seconds, "png": 1000 * (time.perf_counter() - start - seconds)}
-        return [EditResult(png, len(jobs), start, dict(timing)) for png in pngs]
+        encoded = await asyncio.gather(*(asyncio.to_thread(encode_image, image, job.encoding)  # off the event loop
+                                         for image, job in zip(images, jobs)))
+        timing = {"model": 1000 * seconds, "encode": 1000 * (time.perf_counter() - start - seconds)}
+        return [EditResult(data, len(jobs), start, dict(timing)) for data in encoded]
 
     def edit_group(self, adapter: LoadedAdapter | None, jobs: list[EditJob]) -> list[Image.Image]:
         self.use_adapter(adapter, jobs[0].lora_scale)
@@ -273,12 +277,6 @@ def warm_up(pipe, config: ServeConfig) -> dict:
                                   guidance=config.default_guidance)
             edit_images(pipe, [source] * batch, [request] * batch)
     return {"sizes": [f"{w}x{h}" for w, h in shapes], "batch_sizes": batches, "seconds": round(time.perf_counter() - start, 2)}
-
-
-def to_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # level 6 costs ~0.1 s more at 768² for ~10% fewer bytes
-    return buffer.getvalue()
 
 
 api = FastAPI(
@@ -365,7 +363,8 @@ class Ingress:
         self.authorize(credentials)
         return {"loras": list_loras(self.config.lora_root, self.config.lora_storage_options)}
 
-    @api.post("/v1/edit", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @api.post("/v1/edit", response_class=Response,
+              responses={200: {"content": {media: {} for _, media in OUTPUT_FORMATS.values()}}})
     async def edit(
         self,
         image: UploadFile = File(..., description="the source image (PNG, JPEG, WebP, ...)"),
@@ -379,21 +378,25 @@ class Ingress:
         lora: str | None = Form(None, description="adapter id from GET /v1/loras (default: the base model)"),
         lora_scale: float = Form(1.0, description="adapter strength, 0..2"),
         request_id: str | None = Form(None, description="your id for this edit: GET /v1/progress/{id} reports its steps"),
+        output_format: str | None = Form(None, description="png (default), jpeg or webp"),
+        output_compression: int | None = Form(None, description="JPEG/WebP quality 0-100 (default 90)"),
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> Response:
-        """Edit `image` by `prompt`; returns the PNG (headers: X-Seed, X-Lora, X-Batch-Size, X-Edit-Seconds, and
-        Server-Timing: milliseconds to read, decode and resize the upload, to reach the model replica and back, waiting
-        there for the model, in the model, and encoding the PNG)."""
+        """Edit `image` by `prompt`; returns the image, PNG unless `output_format` says otherwise (headers: X-Seed,
+        X-Lora, X-Batch-Size, X-Edit-Seconds, and Server-Timing: milliseconds to read, decode and resize the upload, to
+        reach the model replica and back, waiting there for the model, in the model, and encoding the result)."""
         self.authorize(credentials)
+        encoding = output_encoding(output_format, output_compression)
         seed = secrets.randbelow(2**31) if seed is None else seed
         job = await self.make_job(image, lora or None, lora_scale, prompt=prompt, negative_prompt=negative_prompt,
                                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, width=width,
                                   height=height, seed=seed)
         job.request_id = check_request_id(request_id) if request_id else None
+        job.encoding = encoding
         result = await self.run(job)
         headers = {"X-Seed": str(seed), "X-Lora": lora or "", "X-Batch-Size": str(result.batch_size),
                    "X-Edit-Seconds": f"{result.seconds:.3f}", "Server-Timing": result.server_timing()}
-        return Response(result.png, media_type="image/png", headers=headers)
+        return Response(result.image, media_type=OUTPUT_FORMATS[encoding.format][1], headers=headers)
 
     async def make_job(self, image: UploadFile, lora: str | None, lora_scale: float, **fields) -> EditJob:
         """An upload and form fields -> the checked job (RequestError naming the first bad field)."""
@@ -453,19 +456,17 @@ class Ingress:
         `{"error": {...}}`."""
         self.authorize(credentials)
         uploads = [*(image or []), *(image_list or [])]
-        oai.check_supported(images=len(uploads), n=n, response_format=response_format, output_format=output_format,
-                            mask=mask is not None, stream=stream, background=background)
-        if output_compression is not None:
-            check_range("output_compression", output_compression, 0, 100)
+        oai.check_supported(images=len(uploads), n=n, response_format=response_format, mask=mask is not None,
+                            stream=stream, background=background)
+        encoding = output_encoding(output_format, output_compression, status=400)
         width, height = oai.parse_size(size)
         used = oai.seeds(seed, n)
         job = await self.make_job(uploads[0], oai.adapter_of(model), lora_scale, prompt=prompt,
                                   negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                                   num_inference_steps=num_inference_steps, width=width, height=height, seed=used[0])
-        jobs = [dataclasses.replace(job, request=dataclasses.replace(job.request, seed=s)) for s in used]
+        jobs = [dataclasses.replace(job, request=dataclasses.replace(job.request, seed=s), encoding=encoding) for s in used]
         results = await asyncio.gather(*(self.run(j) for j in jobs))  # one denoising batch when they fit
-        images = [oai.encode(r.png, output_format, output_compression) for r in results]
-        return oai.images_response(images, used, job.request.width, job.request.height, output_format)
+        return oai.images_response([r.image for r in results], used, job.request.width, job.request.height, encoding.format)
 
     async def run(self, job: EditJob) -> EditResult:
         from longcat_ray.inference import LoraError

@@ -14,15 +14,12 @@ import secrets
 import time
 from typing import Any
 
-from PIL import Image
-
 from longcat_ray.config import parse_resolutions
 from longcat_ray.serving.uploads import MAX_SEED, RequestError
 
 BASE_MODEL = "longcat-image-edit"
 """The `model` id of the base model (no adapter); an absent or empty `model` means it too."""
 MAX_N = 4
-OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 OPENAI_PATHS = ("/v1/images/", "/v1/models")
 
 
@@ -58,10 +55,11 @@ def adapter_of(model: str | None) -> str | None:
     return None if model is None or model.strip() in ("", BASE_MODEL) else model.strip()
 
 
-def check_supported(*, images: int, n: int, response_format: str | None, output_format: str | None, mask: bool,
-                    stream: bool | None, background: str | None) -> None:
+def check_supported(*, images: int, n: int, response_format: str | None, mask: bool, stream: bool | None,
+                    background: str | None) -> None:
     """What this server cannot do is refused by name (400), never silently ignored. `quality`, `input_fidelity`,
-    `user` and similar hints are accepted and have no effect."""
+    `user` and similar hints are accepted and have no effect; `output_format` is checked with /v1/edit's
+    (uploads.output_encoding, answering 400 here)."""
     if images != 1:
         raise RequestError(400, "image", f"{images} images sent: LongCat-Image-Edit edits one source image per request")
     if mask:
@@ -72,8 +70,6 @@ def check_supported(*, images: int, n: int, response_format: str | None, output_
     if response_format not in (None, "", "b64_json"):
         raise RequestError(400, "response_format", f"{response_format!r}: this server keeps no result store to "
                                                    "link to; use b64_json")
-    if (output_format or "png") not in OUTPUT_FORMATS:
-        raise RequestError(400, "output_format", f"{output_format!r}: one of {sorted(OUTPUT_FORMATS)}")
     if background == "transparent":
         raise RequestError(400, "background", "transparent backgrounds are not supported: the model paints every pixel")
     if not 1 <= n <= MAX_N:
@@ -86,16 +82,6 @@ def seeds(seed: int | None, n: int) -> list[int]:
         raise RequestError(422, "seed", f"{seed} is out of range [0, {MAX_SEED - n + 1}] for n={n}")
     first = secrets.randbelow(2**31) if seed is None else seed
     return [first + i for i in range(n)]
-
-
-def encode(png: bytes, output_format: str | None, compression: int | None) -> bytes:
-    """The replica's PNG in the asked format (`output_compression` 0-100 is the JPEG/WebP quality, default 90)."""
-    if (output_format or "png") == "png":
-        return png
-    buffer = io.BytesIO()
-    quality = 90 if compression is None else compression
-    Image.open(io.BytesIO(png)).save(buffer, format=OUTPUT_FORMATS[output_format], quality=quality)
-    return buffer.getvalue()
 
 
 def images_response(images: list[bytes], used_seeds: list[int], width: int, height: int,

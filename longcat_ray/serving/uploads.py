@@ -59,6 +59,40 @@ def decode_upload(data: bytes, config: ServeConfig) -> Image.Image:
     return upright_rgb(image)[0]  # as training decoded its references (longcat_ray/images.py)
 
 
+OUTPUT_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+"""`output_format` -> (PIL's format, the response's media type)."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How the replica encodes a result: `format` a key of OUTPUT_FORMATS, `quality` JPEG's/WebP's 0-100."""
+
+    format: str = "png"
+    quality: int = 90
+
+
+def output_encoding(output_format: str | None, output_compression: int | None, status: int = 422) -> Encoding:
+    """The form's `output_format` (default png) and `output_compression` (JPEG/WebP quality, default 90) -> Encoding;
+    a format not offered is `status` (OpenAI's route answers 400) naming the field."""
+    chosen = output_format or "png"
+    if chosen not in OUTPUT_FORMATS:
+        raise RequestError(status, "output_format", f"{output_format!r}: one of {sorted(OUTPUT_FORMATS)}")
+    if output_compression is None:
+        return Encoding(chosen)
+    check_range("output_compression", output_compression, 0, 100)
+    return Encoding(chosen, output_compression)
+
+
+def encode_image(image: Image.Image, encoding: Encoding) -> bytes:
+    """A result image -> its bytes, encoded once where it was made (PNG at zlib level 1: level 6 costs ~0.1 s more
+    at 768² for ~10% fewer bytes)."""
+    buffer = io.BytesIO()
+    pil_format = OUTPUT_FORMATS[encoding.format][0]
+    options = {"compress_level": 1} if pil_format == "PNG" else {"quality": encoding.quality}
+    image.save(buffer, format=pil_format, **options)
+    return buffer.getvalue()
+
+
 def check_range(field: str, value: float, low: float, high: float) -> None:
     if not (low <= value <= high) or math.isnan(value):
         raise RequestError(422, field, f"{value} is out of range [{low}, {high}]")

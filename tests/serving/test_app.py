@@ -79,10 +79,26 @@ def test_loras_per_request(server, tiny):
     response = post_edit(server, source, seed="4")
     assert response.headers["X-Seed"] == "4" and np.abs(pixels(response) - base).max() > 10
     stages = dict(item.split(";dur=") for item in response.headers["Server-Timing"].split(", "))
-    assert list(stages) == ["read", "decode", "hops", "wait", "model", "png"]
+    assert list(stages) == ["read", "decode", "hops", "wait", "model", "encode"]
     assert float(stages["model"]) == pytest.approx(1000 * float(response.headers["X-Edit-Seconds"]), abs=1)
     assert all(float(ms) >= 0 for ms in stages.values())
 
+
+
+def test_the_result_comes_in_the_asked_format(server, tiny):
+    """`output_format` on /v1/edit: the replica encodes JPEG or WebP itself at the quality `output_compression` asks,
+    answered with its media type: the bytes are the PNG result's pixels in that codec, exactly."""
+    from longcat_ray.serving.uploads import Encoding, encode_image
+
+    source = png_bytes(reference_image(tiny))
+    png = Image.fromarray(pixels(post_edit(server, source)).astype(np.uint8))
+    for name, quality in (("jpeg", 95), ("webp", 95), ("jpeg", 10)):
+        response = post_edit(server, source, output_format=name, output_compression=str(quality))
+        assert response.status_code == 200 and response.headers["content-type"] == f"image/{name}", response.text
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == name.upper() and image.size == (64, 48)
+        same = Image.open(io.BytesIO(encode_image(png, Encoding(name, quality))))
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(same.convert("RGB"))), (name, quality)
 
 
 def test_an_adapter_replaced_under_its_id_is_served_in_its_new_version(server, tiny, tiny_loras):
@@ -128,6 +144,8 @@ def bad_requests(tiny) -> list[tuple[str, dict, int, str]]:
         ("width over max", {"width": "4096"}, 422, "width"),
         ("height under min", {"height": "8"}, 422, "height"),
         ("lora scale", {"lora_scale": "3"}, 422, "lora_scale"),
+        ("gif output", {"output_format": "gif"}, 422, "output_format"),
+        ("quality over 100", {"output_format": "jpeg", "output_compression": "101"}, 422, "output_compression"),
         ("unknown lora", {"lora": "nope"}, 404, "lora"),
         ("pickle file in the root", {"lora": "pickled"}, 404, "lora"),
         ("lora ..", {"lora": "../style0"}, 400, "lora"),

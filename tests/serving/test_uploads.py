@@ -142,3 +142,21 @@ def test_warmup_sizes(sizes, expected):
     assert config.warmup_shapes() == expected
     # nothing compiles (no GPU, or compile off): only sizes asked for are warmed
     assert config.warmup_shapes(compiling=False) == ([] if sizes is None else expected)
+
+
+def test_a_result_is_encoded_once_in_the_asked_format():
+    """PNG is lossless (the exact pixels back); JPEG/WebP at the asked quality; a format not offered names the field
+    with the route's status."""
+    from longcat_ray.serving.uploads import OUTPUT_FORMATS, Encoding, encode_image, output_encoding
+
+    image = Image.effect_noise((64, 48), 40).convert("RGB")
+    assert list(Image.open(io.BytesIO(encode_image(image, Encoding()))).getdata()) == list(image.getdata())
+    for name in ("jpeg", "webp"):
+        data = encode_image(image, output_encoding(name, 80))
+        assert Image.open(io.BytesIO(data)).format == OUTPUT_FORMATS[name][0]
+    assert len(encode_image(image, Encoding("jpeg", 5))) < len(encode_image(image, Encoding("jpeg", 95)))
+    assert output_encoding(None, None) == Encoding("png", 90) == output_encoding("", None)
+    for bad, status, field in ((("gif", None), 400, "output_format"), (("jpeg", 101), 422, "output_compression")):
+        with pytest.raises(RequestError) as raised:
+            output_encoding(*bad, status=400)
+        assert (raised.value.status, raised.value.field) == (status, field)
