@@ -405,14 +405,18 @@ class Ingress:
         start = time.perf_counter()
         data = await image.read(self.config.max_upload_bytes + 1)
         read = time.perf_counter()
-        source = decode_upload(data, self.config)
-        request = build_request(source, self.config, **fields)
-        # The model's first step (encode_condition), done here: off the model's thread, and the replica receives the
-        # output size's pixels instead of the upload's (a 12 MP photo is 36 MB as an object, 1.7 MB at 768²).
-        source = resize_image(source, request.width, request.height)
+        source, request = await asyncio.to_thread(self.checked_source, data, fields)  # off the event loop
         return EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_version=version,
                        lora_scale=lora_scale, timing={"read": 1000 * (read - start),
                                                       "decode": 1000 * (time.perf_counter() - read)})
+
+    def checked_source(self, data: bytes, fields: dict) -> tuple[Image.Image, EditRequest]:
+        """The upload decoded and checked, the request built, and the source resized to the output size: the model's
+        first step (encode_condition) done here, off the model's thread, so the replica receives the output size's
+        pixels instead of the upload's (a 12 MP photo is 36 MB as an object, 1.7 MB at 768²)."""
+        source = decode_upload(data, self.config)
+        request = build_request(source, self.config, **fields)
+        return resize_image(source, request.width, request.height), request
 
     @api.get("/v1/progress/{request_id}")
     async def progress_of(self, request_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:

@@ -35,7 +35,9 @@ class ServeConfig(Section):
     it runs a batch wait for the next one anyway). Every lone request pays it: Serve's own default, 10 ms."""
     max_queued_requests: int = Field(64, ge=1)
     """Edits waiting for a model replica beyond what the replicas hold (`2 * max_batch_size` each); past it a new
-    request is answered 503 with `Retry-After` at once instead of waiting without bound."""
+    request is answered 503 with `Retry-After` at once instead of waiting without bound. Serve's router counts an
+    edit as waiting until a replica takes it, so a burst arriving at once may see 503s beyond this many even while the
+    replicas have room (ray/serve/_private/router.py says so); size it for the largest burst to absorb."""
     retry_after_s: int = Field(10, ge=1)
     """The `Retry-After` (seconds) of that 503."""
     max_loras_per_replica: int = Field(4, ge=1)

@@ -38,7 +38,7 @@ def server(ray_local, tiny, tiny_loras):
                          max_loras_per_replica=1,  # one kept: switching adapters evicts and reads the file again
                          warmup_sizes=["64x48"],  # asked for: a CPU replica warms nothing by default
                          warmup_lora="style0",  # and warms with style0 on, then off
-                         max_queued_requests=8,  # with the replica's 8: 16 edits at once fit, more get 503
+                         max_queued_requests=8,  # 8 edits arriving at once are admitted; a burst of 100 gets 503s
                          upload_timeout_s=5)  # a body still arriving after 5 s: 408
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -292,8 +292,9 @@ def test_a_slow_loris_upload_is_cut_off_while_others_are_served(server, tiny):
 
 
 def test_a_burst_beyond_the_queue_gets_503_with_retry_after(server, tiny):
-    """100 edits at once against room for 16 (the replica's 8 + max_queued_requests 8): the rest are refused at once
-    with 503 and Retry-After, none fails otherwise, and the server serves the next request."""
+    """100 edits at once against max_queued_requests 8 (and the replica's 8 running): at least 8 are admitted (Serve's
+    router counts an edit as queued until a replica takes it, so a burst may see 503 while the replica has room), the
+    rest are refused at once with 503 and Retry-After, none fails otherwise, and the server serves the next request."""
     source = png_bytes(reference_image(tiny, 2))
     with ThreadPoolExecutor(100) as pool:
         responses = list(pool.map(lambda i: post_edit(server, source, seed=str(i)), range(100)))
@@ -301,15 +302,17 @@ def test_a_burst_beyond_the_queue_gets_503_with_retry_after(server, tiny):
     assert codes == [200, 503], codes
     busy = [r for r in responses if r.status_code == 503]
     assert all(r.headers["Retry-After"] == "10" and "max_queued_requests" in r.text for r in busy), busy[0].text
-    assert 16 <= sum(r.status_code == 200 for r in responses) < 100
+    assert 8 <= sum(r.status_code == 200 for r in responses) < 100
     assert post_edit(server, source, seed="1").status_code == 200
 
 
-def test_16_concurrent_requests_are_batched(server, tiny):
+def test_concurrent_requests_are_batched(server, tiny):
+    """As many edits at once as max_queued_requests (8): Serve's router counts each as queued until it is assigned to
+    a replica, so only that many arriving together are sure to be admitted; all are served, in batches."""
     source = png_bytes(reference_image(tiny, 2))
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda i: post_edit(server, source, seed=str(i), lora="style1" if i % 2 else ""), range(16)))
-    assert [r.status_code for r in responses] == [200] * 16, [r.text for r in responses if r.status_code != 200]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: post_edit(server, source, seed=str(i), lora="style1" if i % 2 else ""), range(8)))
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
     assert all(pixels(r).shape == (48, 64, 3) for r in responses)
     assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
     single = pixels(post_edit(server, source, seed="5", lora="style1"))  # a batched row equals the same request alone
