@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -34,6 +35,11 @@ class RequestError(ValueError):
         return f"{self.field}: {self.message}"
 
 
+HEADER_LOCK = threading.Lock()
+"""The ingress decodes uploads on threads, and `warnings.catch_warnings` changes the process's warning filters: one
+thread at a time reads a header under them."""
+
+
 def decode_upload(data: bytes, config: ServeConfig) -> Image.Image:
     """Upload bytes -> RGB image. The pixel count is read from the header before anything is decoded."""
     if not data:
@@ -41,9 +47,9 @@ def decode_upload(data: bytes, config: ServeConfig) -> Image.Image:
     if len(data) > config.max_upload_bytes:
         raise RequestError(413, "image", f"{len(data)} bytes is over the limit of {config.max_upload_bytes}")
     try:
-        with warnings.catch_warnings():
+        with HEADER_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # the header only; the pixels are decoded by load() below
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RequestError(413, "image", f"too many pixels to decode safely ({err})") from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for non-images
