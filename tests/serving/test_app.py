@@ -489,9 +489,18 @@ def test_a_replica_killed_mid_request_answers_503_and_is_replaced(server, tiny):
     victim = processes_under(os.getpid(), "ServeReplica:longcat-ray:EditModel")  # this session's Ray only
     assert len(victim) == 1, victim
     source = png_bytes(reference_image(tiny, 2))
-    with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(post_edit, server, source, seed=str(i), num_inference_steps="8") for i in range(16)]
-        time.sleep(1.0)  # the first batches are running on the replica
+    ids = [f"doomed-{i}" for i in range(8)]  # max_queued_requests at once: none refused by the queue
+
+    def denoising() -> bool:
+        return any(requests.get(f"{server}/v1/progress/{i}", headers=AUTH, timeout=30).status_code == 200 for i in ids)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post_edit, server, source, seed=str(n), num_inference_steps="8", request_id=i)
+                   for n, i in enumerate(ids)]
+        deadline = time.time() + 120
+        while not denoising():  # a batch is on the replica, in its steps
+            assert time.time() < deadline, "no edit started denoising within 120 s"
+            time.sleep(0.02)
         victim[0].send_signal(signal.SIGKILL)
         responses = [f.result() for f in futures]
     codes = [r.status_code for r in responses]
