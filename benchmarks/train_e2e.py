@@ -199,10 +199,7 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
 
 
 def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
-    import torch
-
-    from longcat_ray.cache import read_manifest
-    from longcat_ray.training import batch_shapes, resolved_levers, train
+    from longcat_ray.training import train
 
     config = row_config(config_path, name, args.steps, Path(args.work), profile=name in args.profile.split(","))
     shutil.rmtree(config.train.output_dir, ignore_errors=True)  # a fresh run: its logs hold this row alone
@@ -214,8 +211,7 @@ def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
     log = Path(config.train.output_dir) / "logs" / "metrics-rank0.jsonl"
     windows = [json.loads(line) for line in log.read_text().splitlines()]
     result = summarise(name, windows, args.skip, args.side, baseline, config.train.profile_steps)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    levers = resolved_levers(config, device, batch_shapes(read_manifest(config), config.train, 1))  # the worker's
+    levers = json.loads(log.with_name("levers-rank0.jsonl").read_text().splitlines()[-1])  # what the worker resolved
     result.update(activation_memory_budget=levers["activation_memory_budget"], compile_dynamic=levers["compile_dynamic"])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     for written, kept in (("profile-rank0.txt", f"profile_{name}.txt"), ("trace-rank0.json.gz", f"trace_{name}.json.gz")):

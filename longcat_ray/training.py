@@ -342,7 +342,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     loop = TrainingLoop(config=config, engine=engine, params=params, scheduler=scheduler, rank=rank, world=world,
                         device=device, dtype=dtype, state=state, manifest=loop_config["manifest"],
                         plan=loop_config["plan"], progress=loop_config["progress"], cuda_graphs=levers["cuda_graphs"],
-                        offload=offload, started=started)
+                        offload=offload, levers=levers, started=started)
     loop.run()
 
 
@@ -395,9 +395,9 @@ def worker_device_torch_config():
     return WorkerDeviceTorchConfig()
 
 
-def resolved_levers(config: Config, device: torch.device, shapes: int | None = None) -> dict[str, Any]:
-    """The speed settings this worker runs with, `auto`/null resolved for its device (and, for `compile_dynamic`,
-    the run's number of batch `shapes`: `batch_shapes`)."""
+def resolved_levers(config: Config, device: torch.device, shapes: int) -> dict[str, Any]:
+    """The speed settings this worker runs with, `auto`/null resolved for its device and, for `compile_dynamic`, the
+    run's number of batch `shapes` (`batch_shapes`)."""
     from longcat_ray.config import WEIGHT_ONLY
     from longcat_ray.model.attention import resolve_backend
 
@@ -416,15 +416,16 @@ def resolved_levers(config: Config, device: torch.device, shapes: int | None = N
 
 # `compile_dynamic: null` compiles each batch shape for its exact sizes up to this many shapes. On an H100 with two
 # bucket shapes (fp8 base, through `longcat-ray train`, one call): static 0.2058 s/sample, warm-up 155 s; torch's
-# default (a symbolic recompile at the second shape) 0.2307 s, 184 s. Each static shape costs its own compile
-# (~45-70 s), which the ~0.025 s per step pays back only after thousands of steps, so past this torch's default stays.
+# default (a symbolic recompile at the second shape) 0.2307 s, 184 s. Each static shape costs its own compile and
+# graph recording (the static run's first step took 71 s, its steps 2-5 with the second shape 62 s), which ~0.025 s
+# per step pays back after ~2500 steps; past 4 shapes torch's default stays (a guess: 4 and 8 buckets not measured).
 STATIC_SHAPES_BY_DEFAULT = 4
 
 
-def compile_dynamic(train, shapes: int | None) -> bool | None:
+def compile_dynamic(train, shapes: int) -> bool | None:
     """The compiled blocks' `dynamic`: the configured value, else static (False) for a run of at most
     STATIC_SHAPES_BY_DEFAULT batch shapes, else torch's default (None)."""
-    if train.compile_dynamic is not None or shapes is None:
+    if train.compile_dynamic is not None:
         return train.compile_dynamic
     return False if shapes <= STATIC_SHAPES_BY_DEFAULT else None
 
@@ -538,6 +539,8 @@ class TrainingLoop:
     """Mark each micro-step a new CUDA-graph generation and validate eagerly (`resolved_levers`' `cuda_graphs`)."""
     offload: ActivationOffload | None = None
     """Where the forward's saved activations wait for the backward (`offload_activations: cpu`); None: the device."""
+    levers: dict[str, Any] = field(default_factory=dict)
+    """The speed settings this run resolved (`resolved_levers`): rank 0 logs them once per start."""
     started: float = field(default_factory=time.perf_counter)
 
     def run(self) -> None:
@@ -545,6 +548,8 @@ class TrainingLoop:
 
         train = self.config.train
         self.writer, self.window, self.last = self.open_logs(), Window(), {}
+        if self.rank == 0:  # one line per start: a resumed run's settings follow the first run's
+            self.append_log("levers-rank0.jsonl", {"step": self.state.step, **self.levers})
         self.profiler = StepProfiler(train.profile_steps if self.rank == 0 else None, self.device, self.log_dir())
         self.setup_s = time.perf_counter() - self.started
         self.setup_peak_gib = 0.0

@@ -72,6 +72,9 @@ def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(reference, tiny_pip
     loss_p = flow_matching_loss(peft_model, tensors["edit"], tensors["ref"], tensors["text"], torch.Generator().manual_seed(5))
     torch.testing.assert_close(loss_d, loss_p)
     assert json.load(open(os.path.join(out, "longcat_ray.json")))["alpha"] == 8.0
+    # what the run resolved, logged once at its start (on CPU: no compile, so no compile_dynamic)
+    levers = [json.loads(line) for line in open(os.path.join(out, "logs", "levers-rank0.jsonl"))]
+    assert [(lv["step"], lv["compile"], lv["compile_dynamic"]) for lv in levers] == [(0, False, None)], levers
     # in-training validation grids: 2 pairs x (reference | target | result)
     grids = sorted(glob.glob(os.path.join(out, "validation", "step_*.png")))
     assert [os.path.basename(g) for g in grids] == [f"step_{STEPS // 2:06d}.png", f"step_{STEPS:06d}.png"]
@@ -220,6 +223,8 @@ def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run
         assert resumed_from % EVERY == 0 and EVERY <= resumed_from <= max(first_run[rank]) + 1, (resumed_from, steps)
         last_runs = {line["micro_step"]: line for line in samples_log(out, rank)}
         assert list(last_runs.values()) == samples_log(cached.train.output_dir, rank)
+    starts = [json.loads(line)["step"] for line in open(out / "logs" / "levers-rank0.jsonl")]
+    assert len(starts) == 2 and starts[0] == 0 < starts[1], starts  # one line per start: the resumed one after
     final, straight = load_file(out / LORA_FILE), load_file(os.path.join(cached.train.output_dir, LORA_FILE))
     for key in straight:
         torch.testing.assert_close(final[key], straight[key], atol=1e-5, rtol=1e-4)

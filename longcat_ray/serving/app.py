@@ -388,17 +388,17 @@ class Ingress:
         self.authorize(credentials)
         encoding = output_encoding(output_format, output_compression)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        job = await self.make_job(image, lora or None, lora_scale, prompt=prompt, negative_prompt=negative_prompt,
-                                  guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, width=width,
-                                  height=height, seed=seed)
+        job = await self.make_job(image, lora or None, lora_scale, encoding, prompt=prompt,
+                                  negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                  num_inference_steps=num_inference_steps, width=width, height=height, seed=seed)
         job.request_id = check_request_id(request_id) if request_id else None
-        job.encoding = encoding
         result = await self.run(job)
         headers = {"X-Seed": str(seed), "X-Lora": lora or "", "X-Batch-Size": str(result.batch_size),
                    "X-Edit-Seconds": f"{result.seconds:.3f}", "Server-Timing": result.server_timing()}
         return Response(result.image, media_type=OUTPUT_FORMATS[encoding.format][1], headers=headers)
 
-    async def make_job(self, image: UploadFile, lora: str | None, lora_scale: float, **fields) -> EditJob:
+    async def make_job(self, image: UploadFile, lora: str | None, lora_scale: float, encoding: Encoding,
+                       **fields) -> EditJob:
         """An upload and form fields -> the checked job (RequestError naming the first bad field)."""
         check_range("lora_scale", lora_scale, 0, 2)
         lora_url, version = find_lora(self.config.lora_root, lora, self.config.lora_storage_options) if lora else (None, "")
@@ -407,7 +407,7 @@ class Ingress:
         read = time.perf_counter()
         source, request = await asyncio.to_thread(self.checked_source, data, fields)  # off the event loop
         return EditJob(image=source, request=request, lora=lora, lora_url=lora_url, lora_version=version,
-                       lora_scale=lora_scale, timing={"read": 1000 * (read - start),
+                       lora_scale=lora_scale, encoding=encoding, timing={"read": 1000 * (read - start),
                                                       "decode": 1000 * (time.perf_counter() - read)})
 
     def checked_source(self, data: bytes, fields: dict) -> tuple[Image.Image, EditRequest]:
@@ -465,12 +465,13 @@ class Ingress:
         encoding = output_encoding(output_format, output_compression, status=400)
         width, height = oai.parse_size(size)
         used = oai.seeds(seed, n)
-        job = await self.make_job(uploads[0], oai.adapter_of(model), lora_scale, prompt=prompt,
+        job = await self.make_job(uploads[0], oai.adapter_of(model), lora_scale, encoding, prompt=prompt,
                                   negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                                   num_inference_steps=num_inference_steps, width=width, height=height, seed=used[0])
-        jobs = [dataclasses.replace(job, request=dataclasses.replace(job.request, seed=s), encoding=encoding) for s in used]
+        jobs = [dataclasses.replace(job, request=dataclasses.replace(job.request, seed=s)) for s in used]
         results = await asyncio.gather(*(self.run(j) for j in jobs))  # one denoising batch when they fit
-        return oai.images_response([r.image for r in results], used, job.request.width, job.request.height, encoding.format)
+        images = [r.image for r in results]
+        return oai.images_response(images, used, job.request.width, job.request.height, encoding.format)
 
     async def run(self, job: EditJob) -> EditResult:
         from longcat_ray.inference import LoraError

@@ -85,10 +85,10 @@ def seeds(seed: int | None, n: int) -> list[int]:
 
 
 def images_response(images: list[bytes], used_seeds: list[int], width: int, height: int,
-                    output_format: str | None) -> dict[str, Any]:
+                    output_format: str) -> dict[str, Any]:
     """OpenAI's ImagesResponse; each item also carries the seed that made it (an extra field clients keep)."""
     data = [{"b64_json": base64.b64encode(image).decode("ascii"), "seed": seed} for image, seed in zip(images, used_seeds)]
-    return {"created": int(time.time()), "data": data, "output_format": output_format or "png",
+    return {"created": int(time.time()), "data": data, "output_format": output_format,
             "size": f"{width}x{height}"}
 
 
