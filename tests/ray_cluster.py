@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import TRAIN_POLL
+from tests.conftest import TEST_RAY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -132,7 +132,7 @@ def local_cluster(head_cpus: int, node_cpus: tuple[int, ...] = (), autoscaler: d
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({key: os.environ[key] for key in TRAIN_POLL})  # its Ray Train controllers poll as the session's (conftest)
+    env.update({key: os.environ[key] for key in TEST_RAY_ENV})  # its controllers poll and its workers stay warm as the session's
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     gcs, dashboard = free_port(), free_port()
     temp_dir = root / "ray"
