@@ -5,6 +5,9 @@ import os
 import warnings
 
 
+PREEMPTION_WATCHER_LINE = r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+
+
 def _quiet_known_noise() -> None:
     """Third-party warnings that say nothing about the user's data or config, silenced at their exact loggers in
     every process that imports the package (Ray workers too). LONGCAT_RAY_VERBOSE=1 keeps them.
@@ -19,9 +22,16 @@ def _quiet_known_noise() -> None:
     - Ray's "Token authentication is enabled for this Ray cluster" when it starts a local Ray with a token.
     - Ray Data's "Progress bars disabled" (the CLI turns them off for its own progress output), and its executor's
       INFO lines on the console (each dataset's start, plan and end: ray-data.log under the session keeps them).
+    - Ray's core worker's error line for Ray Train's own PreemptionWatcher actor ("has constructor arguments in the
+      object store and max_restarts > 0", ray-project/ray#53727): every run's controller logs it, and nothing in it is
+      the user's to act on. It reaches the console through the driver's log deduplicator, which drops lines matching
+      RAY_DEDUP_LOGS_SKIP_REGEX (read when ray is imported: the package is imported first by the CLI and the jobs/
+      scripts). The same line for Ray Data's cache encoders is written by the driver's own core worker, which no
+      filter here reaches.
     Progress bars stay: downloading and loading real weights takes minutes."""
     if verbose():
         return
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", PREEMPTION_WATCHER_LINE)
     for name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
     drop_messages("DeepSpeed", ("Setting accelerator to CPU", "**** You are using ZeRO with an untested optimizer"))
