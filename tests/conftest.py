@@ -14,11 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ray.init. They are test-only values for a server the tests start themselves.
 for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(key, value)
-# botocore retries a refused connection 4 times by default (legacy mode: up to 1+2+4+8 s of backoff), and s3fs makes
-# a second call (the bucket's region) that waits as long: a cut storage took ~30 s to fail (the cache test's cut,
-# 2026-12-07). The tests cut their loopback S3 on purpose, so one retry is enough here; users keep botocore's default
-# (or set AWS_MAX_ATTEMPTS themselves).
-os.environ.setdefault("AWS_MAX_ATTEMPTS", "2")
 # Ray Train's controller takes one `ray.train.report` per worker from each poll of its workers (every 2 s by default)
 # and a worker's next report waits for the last to be taken: a tiny run checkpointing every 8 steps at 0.05 s a step
 # spent most of its time waiting (64 steps: 41 s at 2 s, 28 s at 0.25 s on 2 cores), and a run ends up to two polls
