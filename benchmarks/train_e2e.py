@@ -199,7 +199,7 @@ def summarise(name: str, windows: list[dict], skip: int, side: int, baseline: di
 
 
 def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
-    from longcat_ray.training import train
+    from longcat_ray.training import LEVERS_LOG, METRICS_LOG, train
 
     config = row_config(config_path, name, args.steps, Path(args.work), profile=name in args.profile.split(","))
     shutil.rmtree(config.train.output_dir, ignore_errors=True)  # a fresh run: its logs hold this row alone
@@ -208,10 +208,10 @@ def run_row(config_path: Path, name: str, args, baseline: dict) -> dict:
         train(config, progress=False)
     except Exception as err:  # noqa: BLE001 -- one broken row must not lose the others
         return {"row": name, "error": f"{type(err).__name__}: {str(err)[-1500:]}"}
-    log = Path(config.train.output_dir) / "logs" / "metrics-rank0.jsonl"
+    log = Path(config.train.output_dir) / "logs" / METRICS_LOG
     windows = [json.loads(line) for line in log.read_text().splitlines()]
     result = summarise(name, windows, args.skip, args.side, baseline, config.train.profile_steps)
-    levers = json.loads(log.with_name("levers-rank0.jsonl").read_text().splitlines()[-1])  # what the worker resolved
+    levers = json.loads(log.with_name(LEVERS_LOG).read_text().splitlines()[-1])  # what the worker resolved
     result.update(activation_memory_budget=levers["activation_memory_budget"], compile_dynamic=levers["compile_dynamic"])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     for written, kept in (("profile-rank0.txt", f"profile_{name}.txt"), ("trace-rank0.json.gz", f"trace_{name}.json.gz")):

@@ -34,6 +34,8 @@ from longcat_ray.storage import filesystem, is_url, join, write_bytes_atomic
 
 LORA_DIR = "lora"
 LOG_EVERY = 5
+METRICS_LOG = "metrics-rank0.jsonl"  # under output_dir/logs: rank 0's metrics, one JSON line per logged window of steps
+LEVERS_LOG = "levers-rank0.jsonl"  # under output_dir/logs: the speed settings resolved, one JSON line per start
 
 
 @dataclass(kw_only=True)
@@ -341,8 +343,8 @@ def run_worker(loop_config: dict[str, Any]) -> None:
             state = WorkerState(**load_checkpoint(engine, directory)["longcat_ray"])
     loop = TrainingLoop(config=config, engine=engine, params=params, scheduler=scheduler, rank=rank, world=world,
                         device=device, dtype=dtype, state=state, manifest=loop_config["manifest"],
-                        plan=loop_config["plan"], progress=loop_config["progress"], cuda_graphs=levers["cuda_graphs"],
-                        offload=offload, levers=levers, started=started)
+                        plan=loop_config["plan"], progress=loop_config["progress"], offload=offload, levers=levers,
+                        started=started)
     loop.run()
 
 
@@ -535,12 +537,15 @@ class TrainingLoop:
     manifest: list[dict[str, Any]]
     plan: CachePlan
     progress: bool
-    cuda_graphs: bool = False
-    """Mark each micro-step a new CUDA-graph generation and validate eagerly (`resolved_levers`' `cuda_graphs`)."""
     offload: ActivationOffload | None = None
     """Where the forward's saved activations wait for the backward (`offload_activations: cpu`); None: the device."""
     levers: dict[str, Any] = field(default_factory=dict)
     """The speed settings this run resolved (`resolved_levers`): rank 0 logs them once per start."""
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Mark each micro-step a new CUDA-graph generation and validate eagerly (`resolved_levers`' `cuda_graphs`)."""
+        return bool(self.levers.get("cuda_graphs"))
     started: float = field(default_factory=time.perf_counter)
 
     def run(self) -> None:
@@ -549,7 +554,7 @@ class TrainingLoop:
         train = self.config.train
         self.writer, self.window, self.last = self.open_logs(), Window(), {}
         if self.rank == 0:  # one line per start: a resumed run's settings follow the first run's
-            self.append_log("levers-rank0.jsonl", {"step": self.state.step, **self.levers})
+            self.append_log(LEVERS_LOG, {"step": self.state.step, **self.levers})
         self.profiler = StepProfiler(train.profile_steps if self.rank == 0 else None, self.device, self.log_dir())
         self.setup_s = time.perf_counter() - self.started
         self.setup_peak_gib = 0.0
@@ -667,7 +672,7 @@ class TrainingLoop:
         }
         self.window = Window()
         if self.rank == 0:  # every window, logged or closed by a checkpoint: the JSON log holds every step's loss
-            self.append_log("metrics-rank0.jsonl", self.last)
+            self.append_log(METRICS_LOG, self.last)
         return self.last
 
     def offloaded_gib(self, steps: int) -> dict[str, float]:
@@ -746,7 +751,7 @@ class TrainingLoop:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 print("warning: neither tensorboard nor tensorboardX is installed: metrics go to "
-                      "output_dir/logs/metrics-rank0.jsonl only", flush=True)
+                      f"output_dir/logs/{METRICS_LOG} only", flush=True)
                 return None
         out = self.config.train.output_dir
         logdir = os.path.join(out, "logs") if not is_url(out) else os.path.join(tempfile.gettempdir(), "longcat-ray-logs")

@@ -20,12 +20,12 @@ for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 # after its last step. The tests' Rays poll every 0.25 s (ray_cluster.local_cluster passes it on); a real run
 # checkpoints minutes apart and never waits for a poll but the last.
 TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-# A raylet keeps at most `num_workers_soft_limit` (its CPU count) worker processes and kills any idle one past that
-# after 1 s: each tiny run's Ray Data read tasks then started in fresh processes that imported torch again (~3 CPU-s
-# each, 15 of them in the node-loss test), and each new actor waited for a fresh process. The tests' Rays keep up to
-# 12 idle workers for 10 minutes instead, so a run reuses the processes the run before it warmed (three 8-step runs
-# beside the reference: 166 s -> 127 s, 304 -> 215 CPU-s on 2 cores). Idle workers cost memory, not CPU; a real
-# cluster keeps Ray's defaults (its read tasks never sit idle for a second mid-run).
+# A raylet keeps at most `num_workers_soft_limit` (default: its CPU count) worker processes and kills any idle one past
+# that after `idle_worker_killing_time_threshold_ms` (1 s): each tiny run's Ray Data read tasks then started in fresh
+# processes that imported torch again (~3 CPU-s each, 15 of them in the node-loss test, 2026-12-07). The tests' Rays
+# keep up to 12 idle workers for 10 minutes instead, so a run reuses the processes the run before it warmed (three
+# 8-step runs beside the reference: 166 s -> 127 s, 304 -> 215 CPU-s on 2 cores; `ray::Map` processes 19 -> 5). A
+# real cluster keeps Ray's defaults (a test-only setting: nothing of it was measured on one).
 WARM_WORKERS = {"RAY_num_workers_soft_limit": "12", "RAY_idle_worker_killing_time_threshold_ms": "600000"}
 TEST_RAY_ENV = {**TRAIN_POLL, **WARM_WORKERS}  # what every Ray the tests start gets (ray_cluster.local_cluster too)
 for key, value in TEST_RAY_ENV.items():

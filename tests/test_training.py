@@ -17,7 +17,7 @@ from longcat_ray.export import LORA_FILE, PEFT_DIR
 from longcat_ray.inference import EditRequest, edit_image
 from longcat_ray.model.loss import flow_matching_loss
 from longcat_ray.reader import batch_tensors, plan_epoch, shard_dataset
-from longcat_ray.training import LOG_EVERY, train
+from longcat_ray.training import LEVERS_LOG, LOG_EVERY, METRICS_LOG, train
 from tests.conftest import EVERY, STEPS, reference_image, tiny_config
 from tests.ray_cluster import processes_under
 from tests.run_logs import committed, ray_info_lines, samples_log
@@ -73,7 +73,7 @@ def test_loss_falls_and_the_lora_loads_in_diffusers_and_peft(reference, tiny_pip
     torch.testing.assert_close(loss_d, loss_p)
     assert json.load(open(os.path.join(out, "longcat_ray.json")))["alpha"] == 8.0
     # what the run resolved, logged once at its start (on CPU: no compile, so no compile_dynamic)
-    levers = [json.loads(line) for line in open(os.path.join(out, "logs", "levers-rank0.jsonl"))]
+    levers = [json.loads(line) for line in open(os.path.join(out, "logs", LEVERS_LOG))]
     assert [(lv["step"], lv["compile"], lv["compile_dynamic"]) for lv in levers] == [(0, False, None)], levers
     # in-training validation grids: 2 pairs x (reference | target | result)
     grids = sorted(glob.glob(os.path.join(out, "validation", "step_*.png")))
@@ -154,7 +154,7 @@ def test_streamed_trains_as_the_cache(reference, tiny, tmp_path):
 
 def step_losses(out) -> list[float]:
     """Every step's loss, in order, from the loop's JSON log (read once per log window)."""
-    with open(os.path.join(out, "logs", "metrics-rank0.jsonl")) as handle:
+    with open(os.path.join(out, "logs", METRICS_LOG)) as handle:
         return [loss for line in handle for loss in json.loads(line)["losses"]]
 
 
@@ -171,7 +171,7 @@ def test_speed_levers_train_the_same_model(reference, tiny, tmp_path):
     train(config, progress=False)
     fast, slow = step_losses(tmp_path), step_losses(plain.train.output_dir)[:8]
     assert len(fast) == 8
-    with open(os.path.join(tmp_path, "logs", "metrics-rank0.jsonl")) as handle:
+    with open(os.path.join(tmp_path, "logs", METRICS_LOG)) as handle:
         assert all(json.loads(line)["offloaded_gib_per_step"] > 0 for line in handle)  # the loop's forward offloaded
     assert fast != slow  # fp8 really ran: it moves the low bits (a silently skipped conversion would not)
     assert fast == pytest.approx(slow, rel=0.02)
@@ -199,7 +199,10 @@ def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run
     command = [sys.executable, "-c", "import sys; from longcat_ray.cli import main; sys.exit(main())", "train",
                "--config", str(tmp_path / "config.json")]
     out = tmp_path / "out"
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the CLI's own filter, not one inherited from this process (importing the package here set it too)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS_SKIP_REGEX"}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     deadline = time.time() + 600
     while committed(out) < 1:  # step 8's checkpoint
         assert time.time() < deadline and driver.poll() is None, f"the run ended or stalled first (exit {driver.poll()})"
@@ -209,7 +212,7 @@ def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run
     driver.wait()
     psutil.wait_procs(workers, timeout=60)  # they die with its Ray
     first_run = {rank: [line["micro_step"] for line in samples_log(out, rank)] for rank in (0, 1)}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr  # what the user reads: each rank-0 line once, none of Ray's INFO chatter
     last_logged = STEPS - STEPS % LOG_EVERY  # rank 0 logs every LOG_EVERY steps
@@ -224,7 +227,7 @@ def test_a_killed_driver_and_the_same_command_again_end_as_the_uninterrupted_run
         assert resumed_from % EVERY == 0 and EVERY <= resumed_from <= max(first_run[rank]) + 1, (resumed_from, steps)
         last_runs = {line["micro_step"]: line for line in samples_log(out, rank)}
         assert list(last_runs.values()) == samples_log(cached.train.output_dir, rank)
-    starts = [json.loads(line)["step"] for line in open(out / "logs" / "levers-rank0.jsonl")]
+    starts = [json.loads(line)["step"] for line in open(out / "logs" / LEVERS_LOG)]
     assert len(starts) == 2 and starts[0] == 0 < starts[1], starts  # one line per start: the resumed one after
     final, straight = load_file(out / LORA_FILE), load_file(os.path.join(cached.train.output_dir, LORA_FILE))
     for key in straight:

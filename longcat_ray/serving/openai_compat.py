@@ -9,7 +9,6 @@ takes OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import base64
-import io
 import secrets
 import time
 from typing import Any
